@@ -104,7 +104,7 @@ class Attribute:
                 self._index = {name: i for i, name in enumerate(self.vocab)}
             if token in self._index:
                 return self._index[token]
-        if token.lstrip("-").isdigit():
+        if token.isascii() and token.isdigit():
             v = int(token)
             return v if 0 <= v < self.cardinality else None
         return None

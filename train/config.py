@@ -1,0 +1,173 @@
+"""The training recipe's config: ``[data]``, ``[model]``, ``[optim]``, ``[train]``, ``[eval]``.
+
+Loaded with :func:`load_train_config` from one TOML file plus ``section.key=value`` overrides;
+every error names the dotted key and happens before any data is read or model built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from silvertorch.config import check, load_config, to_dict
+from silvertorch.model import TwoTowerConfig
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "LoopConfig",
+    "EvalConfig",
+    "TrainConfig",
+    "load_train_config",
+    "config_hash",
+    "RESUMABLE_KEYS",
+]
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Which dataset, how it is split, and which train interactions count as positives."""
+
+    dataset: Literal["movielens_100k", "movielens_small"] = "movielens_100k"
+    test_fraction: float = 0.1
+    # "rated": every train interaction is a positive; "liked": only rating >= like_threshold.
+    positives: Literal["rated", "liked"] = "rated"
+    like_threshold: float = 4.0
+    # Keep only users with dense index < max_users (quick experiments and tests); None = all.
+    max_users: int | None = None
+
+    def validate(self) -> None:
+        frac = self.test_fraction
+        check(0.0 < frac < 1.0, "test_fraction", f"in (0, 1), got {frac}")
+        users = self.max_users
+        check(users is None or users > 0, "max_users", f"> 0, got {users}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """One optimizer over all parameters; embedding tables may get their own learning rate."""
+
+    name: Literal["adam", "adagrad", "adamw"] = "adam"
+    lr: float = 1e-3
+    embedding_lr: float | None = None  # None = lr
+    weight_decay: float = 0.0
+    grad_clip_norm: float | None = None
+
+    def validate(self) -> None:
+        check(self.lr > 0, "lr", f"> 0, got {self.lr}")
+        check(
+            self.embedding_lr is None or self.embedding_lr > 0,
+            "embedding_lr",
+            f"> 0, got {self.embedding_lr}",
+        )
+        check(self.weight_decay >= 0, "weight_decay", f">= 0, got {self.weight_decay}")
+        check(
+            self.grad_clip_norm is None or self.grad_clip_norm > 0,
+            "grad_clip_norm",
+            f"> 0, got {self.grad_clip_norm}",
+        )
+
+
+@dataclass(kw_only=True)
+class LoopConfig:
+    """``[train]``: epochs, batching, seed, logging and checkpoints."""
+
+    epochs: int = 10
+    batch_size: int = 1024
+    seed: int = 0
+    log_every: int = 50  # steps between log lines (the progress bar updates every step)
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end of each epoch
+    out_dir: str = "runs/default"
+    deterministic: bool = True  # torch.use_deterministic_algorithms
+    max_steps: int | None = None  # stop early after this many optimizer steps in total
+    progress: bool = True  # tqdm progress bar
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1" ...
+
+    def validate(self) -> None:
+        check(self.epochs > 0, "epochs", f"> 0, got {self.epochs}")
+        check(self.batch_size > 1, "batch_size", f"> 1 (in-batch negatives), got {self.batch_size}")
+        check(self.seed >= 0, "seed", f">= 0, got {self.seed}")
+        check(self.log_every > 0, "log_every", f"> 0, got {self.log_every}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", f">= 0, got {self.checkpoint_every}")
+        check(bool(self.out_dir), "out_dir", "a directory path")
+        steps = self.max_steps
+        check(steps is None or steps > 0, "max_steps", f"> 0, got {steps}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """``[eval]``: held-out metrics by exact full-catalog scan."""
+
+    recall_ks: list[int] = field(default_factory=lambda: [10, 50, 100])
+    ndcg_ks: list[int] = field(default_factory=lambda: [10])
+    user_chunk: int = 1024  # users scored at once (scores are (chunk, num_items) float32)
+    min_rating: float | None = None  # count a held-out item as relevant only if rated >= this
+
+    def validate(self) -> None:
+        check(len(self.recall_ks) + len(self.ndcg_ks) > 0, "recall_ks", "at least one metric")
+        for i, k in enumerate(self.recall_ks):
+            check(k > 0, f"recall_ks[{i}]", f"> 0, got {k}")
+        for i, k in enumerate(self.ndcg_ks):
+            check(k > 0, f"ndcg_ks[{i}]", f"> 0, got {k}")
+        check(self.user_chunk > 0, "user_chunk", f"> 0, got {self.user_chunk}")
+
+    @property
+    def k_max(self) -> int:
+        return max([*self.recall_ks, *self.ndcg_ks])
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: TwoTowerConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_train_config(path: str | Path | None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Read ``path`` (TOML), apply ``a.b=value`` overrides, validate; raises ``ConfigError``."""
+    return load_config(TrainConfig, path, list(overrides))
+
+
+# Keys that may change between a checkpoint and its resumption (they do not change the math).
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.out_dir",
+    "train.progress",
+    "train.device",
+    "eval",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: d}
+
+
+def semantic_config(config: TrainConfig) -> dict[str, Any]:
+    """Flat ``{dotted key: value}`` of the keys that define the training trajectory."""
+    flat = _flatten(to_dict(config))
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)
+    }
+
+
+def config_hash(config: TrainConfig) -> str:
+    """sha256 (hex, 16 chars) of :func:`semantic_config`."""
+    blob = json.dumps(semantic_config(config), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

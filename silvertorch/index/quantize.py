@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["STORAGE_DTYPES", "parse_dtype", "quantize_rows_int8", "encode", "decode", "prepare_queries"]
+__all__ = [
+    "STORAGE_DTYPES", "parse_dtype", "quantize_rows_int8", "encode", "decode", "prepare_queries",
+    "fake_quantize_int8_ste",
+]
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8,
@@ -74,3 +77,19 @@ def prepare_queries(queries: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor
     if dtype == torch.bfloat16:
         return queries.to(torch.bfloat16), ones
     return queries.float(), ones
+
+
+def fake_quantize_int8_ste(x: Tensor) -> Tensor:
+    """Quantization-aware training: ``x (N, d) float -> (N, d)`` same dtype, straight-through.
+
+    The forward value is exactly ``decode(*quantize_rows_int8(x))`` (per-row symmetric int8, what an
+    int8 index stores and what ``RetrievalModel`` scores); the gradient is the identity, so the item
+    tower learns vectors that survive quantization. Works on any device; keeps ``x``'s dtype.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"fake_quantize_int8_ste expects (N, d), got {tuple(x.shape)}")
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True) if x.shape[1] else torch.zeros_like(xf[:, :1])
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    dq = torch.round(xf / scale).clamp(-127, 127) * scale
+    return x + (dq.to(x.dtype) - x).detach()

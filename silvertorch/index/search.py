@@ -27,7 +27,7 @@ from .scan import ScanStats, scan_fast, scan_reference
 
 __all__ = ["SearchParams", "SearchStats", "ItemIndex", "select"]
 
-Engine = Literal["auto", "fast", "reference", "triton"]
+Engine = Literal["auto", "ext", "fast", "reference", "triton"]
 
 
 def select(scores: Tensor, k: int | Tensor, payload: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -64,7 +64,10 @@ class SearchParams:
     - ``k``: optional ``(B,) int64`` per-row k, each in ``[1, k]``; row ``b`` is padded after ``k[b]``.
     - ``verify``: check the filter exactly on the final candidates (drops Bloom false positives).
     - ``exact``: brute force over every slot (ground truth / small catalogs), ignores ``nprobe``.
-    - ``engine``: scan implementation; ``"auto"`` = Triton on CUDA, the fast CPU path otherwise.
+    - ``engine``: scan implementation: ``"ext"`` the fused C++ CPU kernel (``scan_cpu_ext``; the
+      torch path with a one-time warning when it cannot be built), ``"fast"`` the torch cluster-major
+      path, ``"reference"`` the plain-torch loop, ``"triton"`` the GPU kernel; ``"auto"`` = Triton on
+      CUDA, ``"ext"`` on CPU when the extension is built, ``"fast"`` otherwise.
     """
 
     nprobe: int = 16
@@ -226,8 +229,12 @@ class ItemIndex(nn.Module):
             pair_words, stats.words_evaluated = self._probed_words(plan, probes)
         engine = p.engine
         if engine == "auto":
-            engine = "triton" if q.is_cuda else "fast"
+            engine = "triton" if q.is_cuda else ("ext" if _ext_usable(ivf) else "fast")
         args = (ivf.vectors, ivf.scales, ivf.cluster_offsets, ivf.live_words, qc, qscale, probes)
+        if engine == "ext":
+            from .scan_cpu_ext import scan_ext
+
+            return scan_ext(*args, k_scan, pair_words)
         if engine == "reference":
             return scan_reference(*args, pair_words)
         if engine == "triton":
@@ -235,7 +242,7 @@ class ItemIndex(nn.Module):
 
             return scan_triton(*args, pair_words)
         if engine != "fast":
-            raise ValueError(f"engine must be auto, fast, reference or triton, got {engine!r}")
+            raise ValueError(f"engine must be auto, ext, fast, reference or triton, got {engine!r}")
         return scan_fast(*args, k_scan.to(q.device), pair_words,
                          engine=p.int8_engine, stats=stats.scan)
 
@@ -276,6 +283,13 @@ class ItemIndex(nn.Module):
             slots = torch.arange(s, e, device=qc.device).expand(qc.shape[0], -1)
             best_s, best_i = select(torch.cat([best_s, sc], 1), kmax, torch.cat([best_i, slots], 1))
         return best_s, best_i
+
+
+def _ext_usable(ivf: IVFIndex) -> bool:
+    """The fused CPU kernel is built and takes this index (``SILVERTORCH_NO_EXT=1`` disables it)."""
+    from . import scan_cpu_ext
+
+    return scan_cpu_ext.available() and scan_cpu_ext.supports(ivf.vectors, ivf.cluster_offsets)
 
 
 def _slot_rows(ivf: IVFIndex, ids: Tensor | None, n: int) -> Tensor:

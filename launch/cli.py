@@ -1,4 +1,4 @@
-"""``silvertorch`` console script: train / eval / validate-config / demo.
+"""``silvertorch`` console script: train / eval / validate-config / demo / build-index / compare-joint.
 
 Thin on purpose: parse arguments, call ``train/``, print, and map errors to exit codes
 (2 = bad config or arguments, 1 = unusable checkpoint or missing data).
@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--user", default=None, help="raw user id to show (default: first with 5+ held-out items)"
     )
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--compare", action="store_true",
+                   help="also train the two-stage baseline and print joint vs two-stage (minutes)")
+
+    p = sub.add_parser("build-index", help="build and save a RetrievalModel from a checkpoint")
+    with_config(p)
+    p.add_argument("--checkpoint", required=True, help="training checkpoint (train or joint)")
+    p.add_argument("--out", required=True, help="where to write the model (torch.save file)")
+
+    p = sub.add_parser("compare-joint", help="joint training vs the two-stage baseline, evaluated")
+    with_config(p)
     return parser
 
 
@@ -80,6 +90,7 @@ def _to_toml(data: dict, prefix: str = "") -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from silvertorch.config import ConfigError
     from train.config import load_train_config
 
     if args.command == "validate-config":
@@ -87,9 +98,17 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, args.overrides)
     if args.command == "train":
         from train.evaluate import compare_with_popularity
-        from train.loop import train
 
-        result = train(cfg, resume=args.resume)
+        if cfg.joint.enabled:
+            from train.joint import train_joint
+
+            if args.resume:
+                raise ConfigError("joint.enabled", "a joint run does not resume; set joint.enabled=false")
+            result = train_joint(cfg)
+        else:
+            from train.loop import train
+
+            result = train(cfg, resume=args.resume)
         print(f"trained {result.step} steps in {result.seconds:.1f}s -> {result.checkpoint}")
         print(compare_with_popularity(result.model, result.dataset, cfg.eval)[2])
     elif args.command == "eval":
@@ -102,7 +121,18 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from train.demo import run_demo
 
-        print(run_demo(cfg, user=args.user, resume=args.resume))
+        print(run_demo(cfg, user=args.user, resume=args.resume, compare=args.compare))
+    elif args.command == "build-index":
+        from train.build_index import build_index
+
+        model, path = build_index(cfg, args.checkpoint, args.out, progress=cfg.train.progress)
+        ivf = model.index.ivf
+        print(f"wrote {path}: {ivf.ntotal} items, nlist {ivf.nlist}, {cfg.joint.index_dtype}, "
+              f"tasks {model.overarch.tasks}")
+    elif args.command == "compare-joint":
+        from train.compare_joint import compare_joint
+
+        print(compare_joint(cfg)[2])
     return 0
 
 

@@ -1,4 +1,6 @@
-"""The training recipe's config: ``[data]``, ``[model]``, ``[optim]``, ``[train]``, ``[eval]``.
+"""The training recipe's config: ``[data]``, ``[model]``, ``[optim]``, ``[train]``, ``[eval]``,
+and the optional ``[retrieval]`` (the served :class:`~silvertorch.model.RetrievalModel`: K', nprobe,
+OverArch, value model, reranker) and ``[joint]`` (training with the index in the loop) sections.
 
 Loaded with :func:`load_train_config` from one TOML file plus ``section.key=value`` overrides;
 every error names the dotted key and happens before any data is read or model built.
@@ -13,13 +15,14 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from silvertorch.config import check, load_config, to_dict
-from silvertorch.model import TwoTowerConfig
+from silvertorch.model import RetrievalConfig, TwoTowerConfig
 
 __all__ = [
     "DataConfig",
     "OptimConfig",
     "LoopConfig",
     "EvalConfig",
+    "JointConfig",
     "TrainConfig",
     "load_train_config",
     "config_hash",
@@ -120,14 +123,55 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class JointConfig:
+    """``[joint]``: train towers and OverArch together with the item index in the loop.
+
+    - ``enabled``: ``silvertorch train`` / ``demo`` use the joint recipe (``train/joint.py``).
+    - ``head_loss_weight``: lambda in ``loss = sampled softmax + lambda * BCE(heads)``.
+    - ``hard_negative_weight``: weight of an extra softmax over the index-mined candidates the user
+      never rated (scores ``q . STE(item_tower(c)) / tau`` recomputed with autograd); 0 = off.
+    - ``index_refresh_every``: epochs between rebuilds of the index from the current item tower.
+    - ``nlist`` / ``index_dtype``: the IVF index (training and ``build-index``).
+    - ``mine_k``: candidates mined per user for the heads (None = ``retrieval.k_prime``, the
+      candidates the heads score when served; fewer cost ranking quality at depth).
+    - ``head_rows``: rows of each batch whose mined candidates train the heads (cost control).
+    """
+
+    enabled: bool = False
+    head_loss_weight: float = 0.5
+    hard_negative_weight: float = 0.0
+    index_refresh_every: int = 1
+    nlist: int = 32
+    index_dtype: Literal["int8", "fp32", "bf16", "fp16"] = "int8"
+    mine_k: int | None = None
+    head_rows: int = 32
+
+    def validate(self) -> None:
+        check(self.head_loss_weight >= 0, "head_loss_weight", f">= 0, got {self.head_loss_weight}")
+        check(
+            self.hard_negative_weight >= 0,
+            "hard_negative_weight", f">= 0, got {self.hard_negative_weight}",
+        )
+        check(
+            self.index_refresh_every >= 1,
+            "index_refresh_every", f">= 1 (epochs), got {self.index_refresh_every}",
+        )
+        check(self.nlist >= 1, "nlist", f">= 1, got {self.nlist}")
+        check(self.mine_k is None or self.mine_k >= 1, "mine_k", f">= 1, got {self.mine_k}")
+        check(self.head_rows >= 1, "head_rows", f">= 1, got {self.head_rows}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
-    """The whole run."""
+    """The whole run. ``[retrieval]`` and ``[joint]`` are optional (defaults: joint off)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: TwoTowerConfig
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
 
 
 def load_train_config(path: str | Path | None, overrides: Iterable[str] = ()) -> TrainConfig:

@@ -1,4 +1,6 @@
-"""The demo: train, compare with popularity, and show one user's recommendations."""
+"""The demo: train (jointly, with the index in the loop, when ``joint.enabled``), compare with
+popularity, show one user's recommendations, then build the RetrievalModel from the checkpoint and
+answer that user's requests through it (filters, per-task scores, the index's recall)."""
 
 from __future__ import annotations
 
@@ -83,23 +85,44 @@ def describe_user(model: TwoTower, dataset: RecDataset, user: int, k: int = 10) 
     return "\n".join(lines)
 
 
-def run_demo(config: TrainConfig, user: str | None = None, resume: bool = False) -> str:
-    """Train, evaluate against popularity, describe one user. Returns the printed report."""
+DEMO_FILTER = "genre:Comedy AND NOT decade:1990s"
+
+
+def run_demo(config: TrainConfig, user: str | None = None, resume: bool = False,
+             compare: bool = False) -> str:
+    """Train, evaluate against popularity, describe one user, build the RetrievalModel and query
+    it; with ``compare`` also the joint-vs-two-stage table. Returns the printed report."""
+    from train.demo_retrieval import retrieval_report
+
     start = time.perf_counter()
-    result = train(config, resume=resume)
+    if config.joint.enabled:
+        from train.joint import train_joint
+
+        if resume:
+            from silvertorch.config import ConfigError
+
+            raise ConfigError("joint.enabled", "a joint run does not resume; set joint.enabled=false")
+        result = train_joint(config)
+        how = f"jointly with the index in the loop ({result.index_builds} index builds)"
+    else:
+        result = train(config, resume=resume)
+        how = f"two-tower only ({result.epoch} epochs)"
     ours, base, table = compare_with_popularity(result.model, result.dataset, config.eval)
-    elapsed = time.perf_counter() - start
+    dense_user = pick_demo_user(result.dataset, user)
     report = [
         result.dataset.summary(),
-        f"trained {result.step} steps ({result.epoch} epochs) in {result.seconds:.1f}s; "
+        f"trained {result.step} steps {how} in {result.seconds:.1f}s; "
         f"checkpoint {result.checkpoint}",
         "",
         "held-out evaluation (exact scan of all items, train items excluded; "
         "Recall@K = hits in top-K / held-out items of the user, averaged over users):",
         table,
         "",
-        describe_user(result.model, result.dataset, pick_demo_user(result.dataset, user)),
+        describe_user(result.model, result.dataset, dense_user),
         "",
-        f"demo finished in {elapsed:.1f}s",
+        retrieval_report(config, result.checkpoint, result.dataset, dense_user, [DEMO_FILTER],
+                         compare=compare),
+        "",
+        f"demo finished in {time.perf_counter() - start:.1f}s",
     ]
     return "\n".join(report)

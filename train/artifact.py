@@ -12,8 +12,6 @@ skeleton from ``config`` and loads ``state_dict`` strictly (buffers take the sav
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from silvertorch.modules.overarch import OverArch
 from silvertorch.modules.reranker import Reranker
 from silvertorch.modules.towers import TowerConfig, UserTower
 from silvertorch.modules.value_model import ValueModel
+from train.atomic import atomic_write
 
 __all__ = ["ARTIFACT_VERSION", "save_artifact", "read_artifact", "load_retrieval_model"]
 
@@ -38,22 +37,10 @@ def save_artifact(path: str | Path, model: RetrievalModel, config: dict[str, Any
     """Write ``{"state_dict", "config", "meta", "version"}`` to ``path`` atomically (temporary file
     in the same directory, fsync, rename): a crash never leaves a half-written model behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({"version": ARTIFACT_VERSION, "state_dict": model.state_dict(), "config": config,
                 "meta": meta}, buf)  # fmt: skip
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, buf.getvalue())
 
 
 def read_artifact(path: str | Path) -> dict[str, Any]:

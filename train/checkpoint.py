@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from train.atomic import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -96,7 +96,6 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (tmp file in the same directory + fsync + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
         "config": config,
@@ -112,20 +111,7 @@ def save_checkpoint(
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; a checkpoint is a normal artifact
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC)
-            f.write(hashlib.sha256(data).digest())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, MAGIC, hashlib.sha256(data).digest(), data)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

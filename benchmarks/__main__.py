@@ -32,10 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100k items, fewer queries (minutes)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="report directory (default docs/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and faiss threads (default: torch's default, all cores)")
     args = parser.parse_args(argv)
     cfg = IndexBenchConfig.quick() if args.quick else IndexBenchConfig.full()
     cfg.show_progress = not args.no_progress
-    command = "python -m benchmarks" + (" --quick" if args.quick else "")
+    cfg.threads = args.threads
+    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
+        f" --threads {args.threads}" if args.threads else "")
     write_index_report(cfg, args.out, command)
     return 0
 

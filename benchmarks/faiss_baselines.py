@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["build_faiss_ivf", "faiss_search", "build_flat", "exact_topk", "recall_at_k", "per_query_recall", "FAISS_KINDS"]
+__all__ = ["build_faiss_ivf", "faiss_search", "faiss_filtered_search", "filter_bitmaps", "build_flat", "exact_topk",
+           "recall_at_k", "per_query_recall", "FAISS_KINDS"]
 
 FAISS_KINDS = ("IVF-Flat", "IVF-SQ8")
 
@@ -76,3 +77,27 @@ def per_query_recall(ids: Tensor, truth: Tensor, truth_counts: Tensor | None = N
 def recall_at_k(ids: Tensor, truth: Tensor, truth_counts: Tensor | None = None) -> float:
     """Mean of :func:`per_query_recall`."""
     return float(per_query_recall(ids, truth, truth_counts).mean())
+
+
+def filter_bitmaps(masker, expressions: list[str]) -> dict[str, np.ndarray]:
+    """One packed bitmap (bit ``i & 7`` of byte ``i >> 3`` = item ``i``) per distinct expression,
+    the layout ``faiss.IDSelectorBitmap`` reads; built from the exact attribute masks."""
+    return {e: np.packbits(masker.mask(e).numpy(), bitorder="little") for e in dict.fromkeys(expressions)}
+
+
+def faiss_filtered_search(index: faiss.Index, queries: Tensor, expressions: list[str],
+                          bitmaps: dict[str, np.ndarray], k: int, nprobe: int) -> tuple[Tensor, Tensor]:
+    """faiss with a per-query filter: the queries sharing an expression go in one ``search`` call
+    with ``SearchParametersIVF(nprobe, sel=IDSelectorBitmap)`` (faiss takes one selector per call)."""
+    q = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+    D = np.empty((q.shape[0], k), dtype=np.float32)
+    I = np.empty((q.shape[0], k), dtype=np.int64)
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(expressions):
+        groups.setdefault(e, []).append(i)
+    for e, rows in groups.items():
+        bits = bitmaps[e]
+        sel = faiss.IDSelectorBitmap(index.ntotal, faiss.swig_ptr(bits))
+        r = np.asarray(rows)
+        D[r], I[r] = index.search(q[r], k, params=faiss.SearchParametersIVF(nprobe=nprobe, sel=sel))
+    return torch.from_numpy(D), torch.from_numpy(I)

@@ -6,7 +6,8 @@ index; the Bloom false-positive rate; the filter's share of a filtered search (p
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -50,6 +51,7 @@ class FilterBench:
     probed_filter: Timing
     scan: Timing
     words_fraction: float  # words evaluated on probed clusters / words of the whole catalog
+    by_threads: list[tuple[int, Timing, Timing]] = field(default_factory=list)  # (threads, filter, scan)
 
     @property
     def filter_share(self) -> float:
@@ -113,6 +115,7 @@ def bench_filters(masker: AttributeMaskFilter, catalog, index: ItemIndex, querie
     n = catalog.num_items
     rows: list[FilterRow] = []
     words = probed_words(index, q, cfg.filter_nprobe)
+    probes = index.ivf.probe(index.ivf.prepare(q), cfg.filter_nprobe)
     no_fn = True
     for name, elig in progress([("SilverTorch hybrid (bitmap + Bloom)", hybrid), ("SilverTorch Bloom only", bloom)],
                                "filters", cfg.show_progress):
@@ -121,8 +124,11 @@ def bench_filters(masker: AttributeMaskFilter, catalog, index: ItemIndex, querie
         rows.append(FilterRow(name, "compile (host: parse + plan)", compile_t, B))
         fpr, approx = _fpr(elig, plan, exact_counts, n)
         no_fn &= _superset(approx, slot_ids, masks, 8)
-        rows.append(FilterRow(name, f"probed clusters (nprobe={cfg.filter_nprobe})",
+        rows.append(FilterRow(name, f"probed clusters, per query (nprobe={cfg.filter_nprobe}, padded words)",
                               time_call(lambda e=elig, p=plan: e.evaluate(p, words), cfg.repeats), B, fpr))
+        view = ItemIndex(index.ivf, elig)  # the search path: distinct (expression, cluster) runs
+        rows.append(FilterRow(name, f"probed clusters, search path (nprobe={cfg.filter_nprobe})",
+                              time_call(lambda v=view, p=plan: v._probed_words(p, probes), cfg.repeats), B, fpr))
         rows.append(FilterRow(name, "whole catalog",
                               time_call(lambda e=elig, p=plan: e.evaluate(p), cfg.repeats), B, fpr))
     rows.append(FilterRow("attribute masks (torch, per query)", "whole catalog",
@@ -136,13 +142,27 @@ def bench_filters(masker: AttributeMaskFilter, catalog, index: ItemIndex, querie
         "p90": q_sorted[(9 * len(q_sorted)) // 10],
         "fraction with < k matches": sum(c < cfg.k for c in exact_counts.tolist()) / B,
     }
-    # the filter inside a full filtered-search batch: evaluate on probed words vs the scan
+    # the filter inside a full filtered-search batch: the search's own probe-then-filter step
+    # (ItemIndex._probed_words) vs the unfiltered scan of the same batch, at 1 thread and at all
     full_plan = hybrid.compile(filters)
-    full_words = probed_words(index, queries, share_nprobe)
-    probed_t = time_call(lambda: hybrid.evaluate(full_plan, full_words), cfg.repeats)
-    scan_t = time_call(lambda: index.search(queries, cfg.k, SearchParams(nprobe=share_nprobe)), cfg.repeats,
-                       warmup=lambda: index.search(queries[: cfg.warmup_queries], cfg.k,
-                                                   SearchParams(nprobe=share_nprobe)))
-    words_fraction = float((full_words >= 0).sum()) / (queries.shape[0] * hybrid.num_words)
+    full_probes = index.ivf.probe(index.ivf.prepare(queries), share_nprobe)
+    words_fraction = float(index.ivf.spans()[full_probes].sum() // SLOT_ALIGN) / (queries.shape[0] * hybrid.num_words)
+
+    def measure() -> tuple[Timing, Timing]:
+        probed = time_call(lambda: index._probed_words(full_plan, full_probes), cfg.repeats)
+        scan = time_call(lambda: index.search(queries, cfg.k, SearchParams(nprobe=share_nprobe)), cfg.repeats,
+                         warmup=lambda: index.search(queries[: cfg.warmup_queries], cfg.k,
+                                                     SearchParams(nprobe=share_nprobe)))
+        return probed, scan
+
+    probed_t, scan_t = measure()
+    by_threads = [(torch.get_num_threads(), probed_t, scan_t)]
+    prev = torch.get_num_threads()
+    for n in sorted({1, os.cpu_count() or 1} - {prev}):
+        torch.set_num_threads(n)
+        try:
+            by_threads.append((n, *measure()))
+        finally:
+            torch.set_num_threads(prev)
     return FilterBench(B, cfg.filter_nprobe, rows, selectivity, no_fn, dict(hybrid.modes),
-                       share_nprobe, queries.shape[0], probed_t, scan_t, words_fraction)
+                       share_nprobe, queries.shape[0], probed_t, scan_t, words_fraction, sorted(by_threads))

@@ -7,6 +7,7 @@ Every number comes from this run; nothing is a constant copied from elsewhere.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -18,7 +19,10 @@ from silvertorch.index.search import ItemIndex, SearchParams
 
 from .bandwidth import Bandwidth, measure_bandwidth
 from .common import Timing, machine_info, progress, time_call
-from .faiss_baselines import build_faiss_ivf, build_flat, exact_topk, faiss_search, per_query_recall, recall_at_k
+from .faiss_baselines import (
+    build_faiss_ivf, build_flat, exact_topk, faiss_filtered_search, faiss_search, filter_bitmaps, per_query_recall,
+    recall_at_k,
+)
 from .filter_baselines import AttributeMaskFilter
 from .filter_bench import FilterBench, bench_filters, filtered_ground_truth
 from .topk_bench import TopKRow, bench_topk
@@ -37,11 +41,13 @@ class IndexBenchConfig:
     dim: int = 64
     nlist: int = 1024
     nprobes: tuple[int, ...] = (4, 8, 16, 32, 64)
-    filtered_nprobes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    filtered_nprobes: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
     filtered_repeats: int = 2
     filtered_budget_s: float = 120.0  # stop the filtered nprobe sweep after a batch slower than this
     exact_queries: int = 500  # exhaustive scans are timed (and scored) on the first queries only
-    broad_filter: float = 0.01  # filters matching at least this fraction of items count as broad
+    broad_filter: float = 0.10  # selectivity classes: broad >= 10% of the items match, medium 1-10%,
+    medium_filter: float = 0.01  # selective < 1%
+    threads: int | None = None  # torch and faiss threads (None: torch's default, all cores)
     num_queries: int = 2000
     k: int = 100
     filter_queries: int = 256  # batch for the filter-throughput comparison
@@ -63,7 +69,7 @@ class IndexBenchConfig:
     @classmethod
     def quick(cls) -> IndexBenchConfig:
         return cls(mode="quick", num_items=100_000, nlist=256, nprobes=(2, 4, 8, 16, 32),
-                   filtered_nprobes=(8, 16, 32, 64, 128), num_queries=500, exact_queries=250,
+                   filtered_nprobes=(2, 4, 8, 16, 32, 64, 128), num_queries=500, exact_queries=250,
                    filtered_budget_s=30.0, filter_queries=128,
                    filter_nprobe=8, repeats=3, bandwidth_bytes=256 << 20,
                    topk_shapes=((2000, 16_000, 100), (32, 1_000_000, 1_000), (32, 1_000_000, 100_000)))
@@ -86,7 +92,7 @@ class SearchRow:
     queries: int
     bytes_per_query: float | None = None  # item bytes streamed per query (IVF lists probed)
     filtered: bool = False
-    recall_broad: float | None = None  # filtered: recall over the broad filters only
+    cls: str | None = None  # filtered: selectivity class of the queries ("broad", "medium", "selective")
 
     @property
     def qps(self) -> float:
@@ -174,28 +180,67 @@ def _search_sweep(cfg, st, fa, queries, gt_ids) -> list[SearchRow]:
     return rows
 
 
-def _filtered_sweep(cfg, index: ItemIndex, queries, filters, gt_ids, gt_counts) -> list[SearchRow]:
-    """int8 IVF with one filter string per query (compiled inside every timed call)."""
-    rows: list[SearchRow] = []
-    for p in progress(cfg.filtered_nprobes, "filtered search", cfg.show_progress):
-        if rows and (rows[-1].recall >= 0.95 or rows[-1].timing.median_s > cfg.filtered_budget_s):
-            break  # recall target reached (larger nprobe only costs more) or a batch is too slow
-        def fn(q: Tensor, p: int = p) -> tuple[Tensor, Tensor]:
-            return index.search(q, cfg.k, SearchParams(nprobe=p, filter=filters[: q.shape[0]]))
+CLASSES = ("broad", "medium", "selective")
+ST_FILTERED = "SilverTorch int8 + filter"
+FAISS_FILTERED = "faiss IVF-SQ8 + IDSelectorBitmap"
 
-        (_, ids), t = _timed_search(fn, queries, replace(cfg, repeats=cfg.filtered_repeats))
-        per = per_query_recall(ids, gt_ids, gt_counts)
-        broad = gt_counts >= cfg.broad_filter * cfg.num_items
-        rows.append(SearchRow("SilverTorch int8 + filter", p, float(per.mean()), t, queries.shape[0],
-                              _ivf_bytes_per_query(index, queries, p), filtered=True,
-                              recall_broad=float(per[broad].mean()) if bool(broad.any()) else None))
+
+def selectivity_classes(counts: Tensor, cfg: IndexBenchConfig) -> dict[str, Tensor]:
+    """Query indices per class: broad (>= broad_filter of the items match), medium, selective."""
+    frac = counts.double() / cfg.num_items
+    masks = {"broad": frac >= cfg.broad_filter, "medium": (frac >= cfg.medium_filter) & (frac < cfg.broad_filter),
+             "selective": frac < cfg.medium_filter}
+    return {c: torch.nonzero(m).flatten() for c, m in masks.items()}
+
+
+def _filtered_sweep(cfg, index: ItemIndex, sq8, masker, queries, filters, gt_ids, gt_counts,
+                    log=print) -> list[SearchRow]:
+    """Per selectivity class: int8 IVF with one filter string per query (compiled inside every timed
+    call) and faiss IVF-SQ8 with an ``IDSelectorBitmap`` of the same filter, same nprobe."""
+    rows: list[SearchRow] = []
+    for cls, idx in selectivity_classes(gt_counts, cfg).items():
+        if idx.numel() == 0:
+            continue
+        q, f = queries[idx], [filters[i] for i in idx.tolist()]
+        bitmaps = filter_bitmaps(masker, f)  # built once, untimed (faiss has no filter language)
+        done: dict[str, bool] = {ST_FILTERED: False, FAISS_FILTERED: False}
+        for p in progress(cfg.filtered_nprobes, f"filtered search ({cls})", cfg.show_progress):
+            for system in done:
+                if done[system]:
+                    continue
+                if system == ST_FILTERED:
+                    def fn(qq: Tensor, p: int = p) -> tuple[Tensor, Tensor]:
+                        return index.search(qq, cfg.k, SearchParams(nprobe=p, filter=f[: qq.shape[0]]))
+                    nbytes = _ivf_bytes_per_query(index, q, p)
+                else:
+                    def fn(qq: Tensor, p: int = p) -> tuple[Tensor, Tensor]:
+                        return faiss_filtered_search(sq8, qq, f[: qq.shape[0]], bitmaps, cfg.k, p)
+                    nbytes = _faiss_bytes_per_query(sq8, q, p)
+                (_, ids), t = _timed_search(fn, q, replace(cfg, repeats=cfg.filtered_repeats))
+                rec = float(per_query_recall(ids, gt_ids[idx], gt_counts[idx]).mean())
+                rows.append(SearchRow(system, p, rec, t, q.shape[0], nbytes, filtered=True, cls=cls))
+                # recall reached (larger nprobe only costs more) or a batch is too slow
+                done[system] = rec >= 0.95 or t.median_s > cfg.filtered_budget_s
+            if all(done.values()):
+                break
+        log(f"filtered {cls}: {idx.numel()} queries; " + ", ".join(
+            f"{r.system.split()[0]} p{r.nprobe} r{r.recall:.3f} {r.qps:.0f}q/s" for r in rows if r.cls == cls))
     return rows
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run(cfg: IndexBenchConfig, log=print) -> IndexBenchResult:
     """Run every section of the index benchmark; ``log`` receives one line per milestone."""
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        import faiss
+
+        torch.set_num_threads(cfg.threads)
+        faiss.omp_set_num_threads(cfg.threads)
     with torch.no_grad():
         bw_first = measure_bandwidth(cfg.bandwidth_bytes)
         catalog = generate_catalog(cfg.num_items, cfg.dim, seed=cfg.seed)
@@ -211,17 +256,20 @@ def run(cfg: IndexBenchConfig, log=print) -> IndexBenchResult:
 
         search = _search_sweep(cfg, st, fa, queries, gt_ids)
         search.append(SearchRow("faiss Flat (exact, fp32)", None, 1.0, flat_t, cfg.num_queries))
-        log("search sweep done")
+        log(f"search sweep done (peak RSS {_rss_gb():.1f} GB)")
 
         masker = AttributeMaskFilter(catalog.attributes)
         gt_f_ids, gt_f_counts = filtered_ground_truth(masker, catalog.vectors, queries, filters, cfg.k,
                                                       cfg.show_progress)
-        filtered = _filtered_sweep(cfg, st["int8"], queries, filters, gt_f_ids, gt_f_counts)
-        log("filtered search done")
+        log(f"filtered ground truth done (peak RSS {_rss_gb():.1f} GB)")
+        filtered = _filtered_sweep(cfg, st["int8"], fa["IVF-SQ8"], masker, queries, filters, gt_f_ids,
+                                   gt_f_counts, log)
+        log(f"filtered search done (peak RSS {_rss_gb():.1f} GB)")
 
-        target_p = next((r.nprobe for r in filtered if r.recall >= 0.95), cfg.filter_nprobe)
+        target_p = next((r.nprobe for r in filtered if r.system == ST_FILTERED and r.cls == "broad"
+                         and r.recall >= 0.95), cfg.filter_nprobe)
         filters_result = bench_filters(masker, catalog, st["int8"], queries, filters, cfg, target_p)
-        log("filter throughput done")
+        log(f"filter throughput done (peak RSS {_rss_gb():.1f} GB)")
 
         topk = bench_topk(list(cfg.topk_shapes), cfg.repeats, cfg.show_progress, cfg.seed)
         log("top-k done")
@@ -232,10 +280,19 @@ def run(cfg: IndexBenchConfig, log=print) -> IndexBenchResult:
         "queries per batch": f"{cfg.num_queries:,}", "k": str(cfg.k),
         "generator clusters": str(catalog.num_clusters),
         "filter expressions": "random_filter_expressions (mixed AND/OR/NOT over 6 features)",
-        "broad filters": f"{float((gt_f_counts >= cfg.broad_filter * cfg.num_items).double().mean()):.0%} "
-                         f"of the filters match >= {cfg.broad_filter:.0%} of the items",
+        "filter classes": ", ".join(
+            f"{c} {v.numel()} ({v.numel() / cfg.num_queries:.0%})" for c, v in
+            selectivity_classes(gt_f_counts, cfg).items()) +
+            f" of {cfg.num_queries:,} filters (broad: >= {cfg.broad_filter:.0%} of the items match, medium "
+            f"{cfg.medium_filter:.0%}-{cfg.broad_filter:.0%}, selective < {cfg.medium_filter:.0%})",
+        "threads": f"{torch.get_num_threads()} (torch and faiss)",
+        "peak RSS": f"{_rss_gb():.1f} GB",
     }
     notes = [f"bandwidth measured at start {bw_first.read_gbs:.1f} GB/s and end "
              f"{bw_last.read_gbs:.1f} GB/s (read); the higher is used for the bound"]
+    if cfg.threads:
+        notes.append(f"torch and faiss both ran on {cfg.threads} thread(s) (--threads), bandwidth included: on a "
+                     "shared machine, multi-threaded torch ops stall whenever another process holds a core, so a "
+                     "fixed small thread count keeps SilverTorch and faiss comparable within the run")
     return IndexBenchResult(replace(cfg), machine_info(), dataset, build_s, bandwidth, search,
                             filtered, filters_result, topk, notes, time.perf_counter() - start)

@@ -16,12 +16,18 @@ def plot_recall_qps(result, path: Path) -> Path:
     """One line per system over the nprobe sweep (labelled), exhaustive scans as single points."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
     rows = result.search + result.filtered
-    systems = list(dict.fromkeys(r.system for r in rows))
-    for system in systems:
-        pts = sorted((r for r in rows if r.system == system), key=lambda r: r.nprobe or 0)
+
+    def label(r) -> str:
+        return f"{r.system} [{r.cls} filters]" if r.cls else r.system
+
+    systems = list(dict.fromkeys(label(r) for r in rows))
+    palette = plt.get_cmap("tab20").colors  # one distinct colour per system (up to 20)
+    for i, system in enumerate(systems):
+        pts = sorted((r for r in rows if label(r) == system), key=lambda r: r.nprobe or 0)
         style = "--" if "faiss" in system else "-"
         marker = "s" if pts[0].nprobe is None else "o"
-        line, = ax.plot([r.recall for r in pts], [r.qps for r in pts], style, marker=marker, label=system)
+        line, = ax.plot([r.recall for r in pts], [r.qps for r in pts], style, marker=marker, label=system,
+                        color=palette[i % len(palette)])
         for r in pts:
             if r.nprobe is not None:
                 ax.annotate(str(r.nprobe), (r.recall, r.qps), textcoords="offset points", xytext=(3, 3),

@@ -33,7 +33,7 @@ from .attributes import ItemAttributes
 from .bitmap import num_words, pack_bits, popcount, scatter_bits, unpack_bits
 from .bloom import expected_fpr, term_rows
 from .plan import FilterPlan, Schema, compile_plan
-from .program import run_verify, run_words
+from .program import run_verify, run_runs, run_words
 
 __all__ = ["EligibilityConfig", "EligibilityIndex", "Mode"]
 
@@ -333,6 +333,20 @@ class EligibilityIndex(nn.Module):
         if plan.n_words != self.num_words:
             raise ValueError(f"plan compiled for {plan.n_words} words, index has {self.num_words}")
         return run_words(plan, self.table, self.live_words, words, chunk_elements)
+
+    def evaluate_runs(
+        self, plan: FilterPlan, programs: Tensor, first: Tensor, count: Tensor, width: int,
+        *, chunk_elements: int = 1 << 18,
+    ) -> Tensor:
+        """Bit-words of contiguous word runs (e.g. the probed clusters of probe-then-filter).
+
+        Run ``k`` evaluates unique program ``programs[k]`` (an index into the plan's programs, as in
+        ``plan.row_map``) on words ``first[k] + [0, count[k])`` -> ``(K, width) int64``, zero past
+        ``count[k]``. The same bits as :meth:`evaluate` on those words.
+        """
+        if plan.n_words != self.num_words:
+            raise ValueError(f"plan compiled for {plan.n_words} words, index has {self.num_words}")
+        return run_runs(plan, self.table, self.live_words, programs, first, count, width, chunk_elements)
 
     def verify(self, plan: FilterPlan, slots: Tensor) -> Tensor:
         """Exact match of each candidate: ``slots (B, K) int64`` (−1 padded) -> ``(B, K) bool``.

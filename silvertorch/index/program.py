@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .plan import FilterPlan
 
-__all__ = ["expand_rows", "run_words", "run_verify"]
+__all__ = ["expand_rows", "run_words", "run_runs", "run_verify"]
 
 _EVAL_FIELDS = (
     "lit_src", "lit_dst", "lit_xor", "ext_src", "ext_dst", "ext_xor",
@@ -195,3 +195,142 @@ def run_verify(
     out = regs[0] ^ (prog["v_root_xor"] != 0)[:, None]
     alive = ((live_words.take(word) >> bit) & 1) != 0
     return out & valid & alive
+
+
+# ---- contiguous word runs (probe-then-filter) ---------------------------------------------------
+_RUNS_CPP = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+
+// out[k, i] = program pair_prog[k] evaluated on word first[k] + i, i < count[k] (the rest set to 0).
+// The same lockstep register machine as the torch path (ext, then lit, then reg steps, each
+// reg[dst] &= src ^ xor; result reg[0] ^ root_xor, & live), fused per block of 64 words.
+void eval_runs(torch::Tensor table, torch::Tensor extra, torch::Tensor live,
+               torch::Tensor ext_src, torch::Tensor ext_dst, torch::Tensor ext_xor,
+               torch::Tensor lit_src, torch::Tensor lit_dst, torch::Tensor lit_xor,
+               torch::Tensor reg_src, torch::Tensor reg_dst, torch::Tensor reg_xor,
+               torch::Tensor root_xor, torch::Tensor pair_prog, torch::Tensor first,
+               torch::Tensor count, torch::Tensor out, int64_t n_regs) {
+  const int64_t* T = table.data_ptr<int64_t>();
+  const int64_t* X = extra.data_ptr<int64_t>();
+  const int64_t* LV = live.data_ptr<int64_t>();
+  const int64_t tw = table.size(1), xw = extra.size(1);
+  const int64_t L0 = ext_src.size(1), L1 = lit_src.size(1), L2 = reg_src.size(1);
+  const int64_t *es = ext_src.data_ptr<int64_t>(), *ed = ext_dst.data_ptr<int64_t>(), *ex = ext_xor.data_ptr<int64_t>();
+  const int64_t *ls = lit_src.data_ptr<int64_t>(), *ld = lit_dst.data_ptr<int64_t>(), *lx = lit_xor.data_ptr<int64_t>();
+  const int64_t *rs = reg_src.data_ptr<int64_t>(), *rd = reg_dst.data_ptr<int64_t>(), *rx = reg_xor.data_ptr<int64_t>();
+  const int64_t* root = root_xor.data_ptr<int64_t>();
+  const int64_t *pp = pair_prog.data_ptr<int64_t>(), *fs = first.data_ptr<int64_t>(), *cn = count.data_ptr<int64_t>();
+  int64_t* O = out.data_ptr<int64_t>();
+  const int64_t K = pair_prog.size(0), W = out.size(1);
+  constexpr int64_t BLK = 64;
+  at::parallel_for(0, K, 16, [&](int64_t b, int64_t e) {
+    std::vector<int64_t> regs(std::max<int64_t>(n_regs, 1) * BLK);
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t u = pp[k], f = fs[k], n = std::min(cn[k], W);
+      std::fill(O + k * W + n, O + (k + 1) * W, (int64_t)0);
+      for (int64_t w0 = 0; w0 < n; w0 += BLK) {
+        const int64_t m = std::min(BLK, n - w0);
+        for (int64_t r = 0; r < n_regs; ++r) std::fill(regs.data() + r * BLK, regs.data() + r * BLK + m, (int64_t)-1);
+        for (int64_t t = 0; t < L0; ++t) {
+          const int64_t* src = X + es[u * L0 + t] * xw + f + w0;
+          int64_t* r = regs.data() + ed[u * L0 + t] * BLK;
+          const int64_t x = ex[u * L0 + t];
+          for (int64_t i = 0; i < m; ++i) r[i] &= src[i] ^ x;
+        }
+        for (int64_t t = 0; t < L1; ++t) {
+          const int64_t* src = T + ls[u * L1 + t] * tw + f + w0;
+          int64_t* r = regs.data() + ld[u * L1 + t] * BLK;
+          const int64_t x = lx[u * L1 + t];
+          for (int64_t i = 0; i < m; ++i) r[i] &= src[i] ^ x;
+        }
+        for (int64_t t = 0; t < L2; ++t) {
+          const int64_t* src = regs.data() + rs[u * L2 + t] * BLK;
+          int64_t* r = regs.data() + rd[u * L2 + t] * BLK;
+          const int64_t x = rx[u * L2 + t];
+          if (src == r) { for (int64_t i = 0; i < m; ++i) r[i] &= r[i] ^ x; }
+          else { for (int64_t i = 0; i < m; ++i) r[i] &= src[i] ^ x; }
+        }
+        int64_t* o = O + k * W + w0;
+        const int64_t* lv = LV + f + w0;
+        for (int64_t i = 0; i < m; ++i) o[i] = (regs[i] ^ root[u]) & lv[i];
+      }
+    }
+  });
+}
+"""
+_RUNS_STATE: dict[str, object] = {}
+
+
+def _runs_ext():
+    """The fused run evaluator (built once, cached like the scan extension); ``None`` if unavailable."""
+    if "mod" not in _RUNS_STATE:
+        mod = None
+        import os
+
+        if os.environ.get("SILVERTORCH_NO_EXT", "") in ("", "0"):
+            try:
+                import hashlib
+
+                from torch.utils.cpp_extension import load_inline
+
+                from .scan_cpu_ext import _arch, _cpu_tag
+
+                root = os.environ.get("SILVERTORCH_EXT_DIR") or os.path.join(
+                    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "silvertorch", "ext")
+                tag = hashlib.sha1(_RUNS_CPP.encode()).hexdigest()[:8]
+                tv = torch.__version__.replace("+", "_").replace(".", "_")
+                build = os.path.join(root, f"filter_runs_{tv}_{_arch()}_{_cpu_tag()}_{tag}")
+                os.makedirs(build, exist_ok=True)
+                mod = load_inline(name="silvertorch_filter_runs", cpp_sources=[_RUNS_CPP], functions=["eval_runs"],
+                                  extra_cflags=["-O3", f"-march={_arch()}", "-std=c++17", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], build_directory=build)
+            except Exception:  # no compiler / build error: the torch path below
+                mod = None
+        _RUNS_STATE["mod"] = mod
+    return _RUNS_STATE["mod"]
+
+
+def run_runs(
+    plan: FilterPlan,
+    table: Tensor,
+    live_words: Tensor,
+    programs: Tensor,
+    first: Tensor,
+    count: Tensor,
+    width: int,
+    chunk_elements: int,
+) -> Tensor:
+    """Evaluate program ``programs[k]`` on the contiguous words ``first[k] + [0, count[k])``.
+
+    -> ``(K, width) int64`` (words beyond ``count[k]`` are 0). Same bits as :func:`run_words` on
+    those word indices: a fused C++ loop on CPU when it can be built, else :func:`run_words` on
+    runs grouped by length (buckets of at most twice the length, so padding stays small).
+    """
+    K = programs.numel()
+    mod = _runs_ext() if table.device.type == "cpu" and K and width else None
+    if mod is not None:
+        out = torch.empty(K, width, dtype=torch.int64, device=table.device)  # the kernel zero-fills the tail
+        c = lambda t: t.to(torch.int64).contiguous()  # noqa: E731
+        mod.eval_runs(c(table), c(plan.extra), c(live_words), c(plan.ext_src), c(plan.ext_dst), c(plan.ext_xor),
+                      c(plan.lit_src), c(plan.lit_dst), c(plan.lit_xor), c(plan.reg_src), c(plan.reg_dst),
+                      c(plan.reg_xor), c(plan.root_xor), c(programs), c(first), c(count), out, int(plan.n_regs))
+        return out
+    from dataclasses import replace
+
+    out = torch.zeros(K, width, dtype=torch.int64, device=table.device)
+    lo = 0
+    while lo < width:  # buckets of run lengths (lo, hi]: hi <= max(8, 2 * lo)
+        hi = min(max(8, 2 * lo), width)
+        in_bucket = (count <= hi) if lo == 0 else (count > lo) & (count <= hi)
+        sel = torch.nonzero(in_bucket).flatten()
+        lo = hi
+        if sel.numel() == 0:
+            continue
+        w = torch.arange(hi, device=table.device)
+        words = torch.where(w < count[sel, None], first[sel, None] + w, -1)
+        sub = replace(plan, row_map=programs[sel], warnings=[])
+        out[sel, :hi] = run_words(sub, table, live_words, words, chunk_elements)
+    return out

@@ -247,17 +247,36 @@ class ItemIndex(nn.Module):
                          engine=p.int8_engine, stats=stats.scan)
 
     def _probed_words(self, plan: Any, probes: Tensor) -> tuple[Tensor, int]:
-        """Eligibility words of each probed cluster: ``(B, P, Wc) int64`` and how many were computed."""
+        """Eligibility words of each probed cluster: ``(B, P, Wc) int64`` and how many were computed
+        (summed over queries, as if every query evaluated its own clusters).
+
+        Every distinct (expression, cluster) pair is evaluated once (queries sharing an expression
+        via ``plan.row_map`` and probing the same cluster share it), on that cluster's contiguous
+        word run (``EligibilityIndex.evaluate_runs``: fused on CPU, else buckets of similar length), so
+        the padding to the largest cluster (``Wc``) is paid only when the bits are handed to the scan.
+        """
         off = self.ivf.cluster_offsets
+        dev = off.device
         B, P = probes.shape
-        first = off[probes] // SLOT_ALIGN
-        nw = (off[probes + 1] - off[probes]) // SLOT_ALIGN
-        wc = max(int(nw.max()), 1)
-        w = torch.arange(wc, device=off.device)
-        valid = w < nw[..., None]
-        words = torch.where(valid, first[..., None] + w, -1).reshape(B, -1)
-        bits = self.eligibility.evaluate(plan, words).reshape(B, P, wc)
-        return bits, int(valid.sum())
+        nlist = off.numel() - 1
+        first_all = off[:-1] // SLOT_ALIGN
+        nw_all = (off[1:] - off[:-1]) // SLOT_ALIGN
+        nw_probed = nw_all[probes]
+        wc = max(int(nw_probed.max()) if nw_probed.numel() else 0, 1)
+        n_eval = int(nw_probed.sum())
+        if not hasattr(plan, "row_map"):  # a plan of another eligibility module: per query, padded
+            w = torch.arange(wc, device=dev)
+            words = torch.where(w < nw_probed[..., None], first_all[probes][..., None] + w, -1)
+            return self.eligibility.evaluate(plan, words.reshape(B, -1)).reshape(B, P, wc), n_eval
+        prog = plan.row_map.to(dev)[:, None].expand(B, P)
+        keys, inverse = torch.unique(prog * nlist + probes, return_inverse=True)
+        if 2 * keys.numel() > B * P:  # few shared pairs: evaluate every (query, cluster) run in place
+            out = self.eligibility.evaluate_runs(plan, prog.reshape(-1), first_all[probes].reshape(-1),
+                                                 nw_probed.reshape(-1), wc)
+            return out.reshape(B, P, wc), n_eval
+        pair_prog, pair_cluster = keys // nlist, keys % nlist
+        out = self.eligibility.evaluate_runs(plan, pair_prog, first_all[pair_cluster], nw_all[pair_cluster], wc)
+        return out[inverse.reshape(-1)].reshape(B, P, wc), n_eval
 
     def _scan_exact(self, qc: Tensor, qscale: Tensor, plan: Any, k_scan: Tensor,
                     stats: SearchStats, chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:

@@ -47,6 +47,10 @@ def test_joint_training_on_a_movielens_slice(tmp_path: Path) -> None:
     assert len(result.epoch_losses) == 2 and result.epoch_losses[1] < result.epoch_losses[0]
     assert result.epoch_head_losses[1] < result.epoch_head_losses[0]
     assert result.index_builds == 2  # at the start and after training (refresh_every = 2 epochs)
+    # then the heads alone on the final index, towers frozen
+    assert len(result.polish_head_losses) == cfg.joint.head_polish_epochs >= 2
+    assert result.polish_head_losses[-1] < result.polish_head_losses[0]
+    assert not any(p.requires_grad for p in result.model.parameters())
     metrics = evaluate_retrieval_model(result.scorer, result.dataset, cfg.eval, user_chunk=64)
     assert metrics["auc_liked"] > 0.5 and metrics["auc_rated"] > 0.5, metrics
     assert 0.0 < metrics["recall@100"] <= 1.0
@@ -55,6 +59,7 @@ def test_joint_training_on_a_movielens_slice(tmp_path: Path) -> None:
 
     payload = read_checkpoint(result.checkpoint)
     assert set(payload["extra"]["heads"]) == {"overarch", "value_model"}
+    assert payload["extra"]["recipe"] == "joint"
     torch.testing.assert_close(payload["extra"]["heads"]["overarch"]["mlp.layers.0.weight"],
                                result.scorer.overarch.mlp.layers[0].weight.detach())  # fmt: skip
 

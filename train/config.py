@@ -135,6 +135,8 @@ class JointConfig:
     - ``mine_k``: candidates mined per user for the heads (None = ``retrieval.k_prime``, the
       candidates the heads score when served; fewer cost ranking quality at depth).
     - ``head_rows``: rows of each batch whose mined candidates train the heads (cost control).
+    - ``head_polish_epochs``: after joint training, epochs of the heads alone on the final index
+      with the towers frozen (the heads last saw moving towers; this fits them to the served ones).
     """
 
     enabled: bool = False
@@ -145,8 +147,10 @@ class JointConfig:
     index_dtype: Literal["int8", "fp32", "bf16", "fp16"] = "int8"
     mine_k: int | None = None
     head_rows: int = 32
+    head_polish_epochs: int = 0
 
     def validate(self) -> None:
+        check(self.head_polish_epochs >= 0, "head_polish_epochs", f">= 0, got {self.head_polish_epochs}")
         check(self.head_loss_weight >= 0, "head_loss_weight", f">= 0, got {self.head_loss_weight}")
         check(
             self.hard_negative_weight >= 0,

@@ -55,6 +55,7 @@ class JointResult:
     step: int
     epoch_losses: list[float] = field(default_factory=list)
     epoch_head_losses: list[float] = field(default_factory=list)
+    polish_head_losses: list[float] = field(default_factory=list)  # heads alone, towers frozen
     checkpoint: Path | None = None
     seconds: float = 0.0
     index_builds: int = 0
@@ -71,6 +72,7 @@ class JointTrainer:
         if bad:
             raise ConfigError("retrieval.overarch.tasks", f"tasks with labels {list(TASK_NAMES)}, got {bad}")
         self.config, self.train_towers = config, train_towers
+        self.recipe = "joint" if train_towers else "two_stage"
         self.base = Trainer(config, dataset)  # data, loader, negatives, seeding, the TwoTower
         if towers is not None:
             self.base.model.load_state_dict(towers.state_dict())
@@ -143,28 +145,24 @@ class JointTrainer:
         """A two-tower checkpoint with the heads in ``extra["heads"]``."""
         heads = {"overarch": self.scorer.overarch.state_dict(),
                  "value_model": self.scorer.value_model.state_dict()}  # fmt: skip
-        recipe = "joint" if self.train_towers else "two_stage"
         state = TrainState(step=self.step, epoch=self.base.loader.epoch,
                            loader=self.base.loader.state_dict(), rng=capture_rng(),
-                           extra={"heads": heads, "recipe": recipe})  # fmt: skip
+                           extra={"heads": heads, "recipe": self.recipe})  # fmt: skip
         return save_checkpoint(path or self.base.out_dir / CHECKPOINT_NAME, model=self.model,
                                optimizer=self.optimizer, state=state,
                                config=self.base._config_flat, config_hash=self.base._config_hash)  # fmt: skip
 
-    def fit(self, epochs: int | None = None) -> JointResult:
-        """Train ``epochs`` (default ``train.epochs``, capped by ``train.max_steps``)."""
-        loop, joint = self.config.train, self.config.joint
-        epochs = epochs or loop.epochs
-        loader = self.base.loader
-        total = epochs * len(loader)
-        if loop.max_steps is not None:
-            total = min(total, loop.max_steps)
-        result = JointResult(self.model, self.scorer, self.dataset, 0)
-        start = time.perf_counter()
+    def _run_epochs(self, epochs: int, total: int, losses: list[float], head_losses: list[float],
+                    refresh: bool) -> None:
+        """Train ``epochs`` over the loader (at most ``total`` steps in all), refreshing the index
+        every ``joint.index_refresh_every`` epochs when ``refresh``."""
+        loader, joint = self.base.loader, self.config.joint
         desc = "joint" if self.train_towers else "heads"
-        bar = tqdm(total=total, disable=not loop.progress, desc=desc, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=min(total, epochs * len(loader)), disable=not self.config.train.progress,
+                   desc=desc, unit="step", dynamic_ncols=True)  # fmt: skip
+        steps = 0
         for epoch in range(epochs):
-            if self.train_towers and epoch > 0 and epoch % joint.index_refresh_every == 0:
+            if refresh and epoch > 0 and epoch % joint.index_refresh_every == 0:
                 self.refresh_index()
             sums = {"loss": 0.0, "head_loss": 0.0}
             n = 0
@@ -173,20 +171,46 @@ class JointTrainer:
                 sums["loss"] += stats["loss"]
                 sums["head_loss"] += stats["head_loss"]
                 n += 1
+                steps += 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.4f}", head=f"{stats['head_loss']:.4f}")
-                if self.step >= total:
+                if steps >= total:
                     break
             if n:
-                result.epoch_losses.append(sums["loss"] / n)
-                result.epoch_head_losses.append(sums["head_loss"] / n)
+                losses.append(sums["loss"] / n)
+                head_losses.append(sums["head_loss"] / n)
                 bar.write(f"{desc} epoch {epoch + 1}/{epochs}: loss {sums['loss'] / n:.4f} "
                           f"(heads {sums['head_loss'] / n:.4f})")  # fmt: skip
-            if self.step >= total:
+            if steps >= total:
                 break
         bar.close()
-        if self.train_towers:
-            self.refresh_index()  # serve exactly the vectors the heads last saw
+
+    def freeze_towers(self) -> None:
+        """From here on only the heads train (the towers and the index stay as they are)."""
+        self.train_towers = False
+        self.model.requires_grad_(False)
+        self.optimizer = build_optimizer(self.config.optim, nn.ModuleDict({"overarch": self.scorer.overarch}))
+
+    def fit(self, epochs: int | None = None) -> JointResult:
+        """Train ``epochs`` (default ``train.epochs``, capped by ``train.max_steps``), then, in the
+        joint recipe, ``joint.head_polish_epochs`` of the heads alone on the final index."""
+        loop = self.config.train
+        epochs = epochs or loop.epochs
+        total = epochs * len(self.base.loader)
+        if loop.max_steps is not None:
+            total = min(total, loop.max_steps)
+        result = JointResult(self.model, self.scorer, self.dataset, 0)
+        start = time.perf_counter()
+        joint_recipe = self.train_towers
+        self._run_epochs(epochs, total, result.epoch_losses, result.epoch_head_losses,
+                         refresh=self.train_towers)
+        if joint_recipe:
+            self.refresh_index()  # serve exactly the vectors the towers ended with
+            polish = self.config.joint.head_polish_epochs
+            if polish:
+                self.freeze_towers()
+                self._run_epochs(polish, polish * len(self.base.loader), [],
+                                 result.polish_head_losses, refresh=False)
         result.scorer, result.step = self.scorer, self.step
         result.index_builds = self.index_builds
         result.checkpoint = self.save()

@@ -18,15 +18,6 @@ OVERRIDES = ["data.max_users=100", "train.batch_size=256", "train.progress=false
 FILTER = "genre:Comedy AND NOT decade:1990s"
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag():
-    """Training turns on torch.use_deterministic_algorithms; do not leak it into other tests."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
     """A few joint steps on a MovieLens slice: (config, checkpoint, dataset)."""

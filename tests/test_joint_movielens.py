@@ -17,15 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "movielens_100k.toml"
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag():
-    """The trainer turns on torch.use_deterministic_algorithms; do not leak it into other tests."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def slice_config(tmp_path: Path, *extra: str):
     return load_train_config(SHIPPED, [
         "data.max_users=150", "train.epochs=2", "train.batch_size=512", "train.progress=false",

@@ -17,15 +17,6 @@ from train.loop import Trainer
 NUM_USERS, NUM_ITEMS = 30, 40
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag():
-    """Trainer turns on torch.use_deterministic_algorithms; do not leak it into other tests."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 def tiny_dataset(seed: int = 0) -> RecDataset:
     """30 users, 40 items, 600 train + 60 test events; users have gender, items genres."""
     g = torch.Generator().manual_seed(seed)

@@ -19,15 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "movielens_100k.toml"
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag():
-    """Trainer turns on torch.use_deterministic_algorithms; do not leak it into other tests."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 @pytest.mark.slow
 def test_slice_trains_and_beats_popularity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from silvertorch.data.fetch import DataMissingError

@@ -1,4 +1,5 @@
-"""``silvertorch`` console script: train / eval / validate-config / demo / build-index / compare-joint.
+"""``silvertorch`` console script: train / eval / validate-config / demo / build-index / compare-joint,
+plus the plugged subcommands of ``PLUGGED_COMMANDS`` (export / serve / plan), one module each.
 
 Thin on purpose: parse arguments, call ``train/``, print, and map errors to exit codes
 (2 = bad config or arguments, 1 = unusable checkpoint or missing data).
@@ -7,6 +8,7 @@ Thin on purpose: parse arguments, call ``train/``, print, and map errors to exit
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
@@ -50,7 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare-joint", help="joint training vs the two-stage baseline, evaluated")
     with_config(p)
+
+    for name, (module, help_text) in PLUGGED_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        importlib.import_module(module).add_arguments(p)
     return parser
+
+
+# Subcommands that live in their own module under launch/: each module defines
+# ``add_arguments(parser)`` and ``run(args) -> int`` (exit code). Keeps this file a dispatcher.
+PLUGGED_COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("launch.cmd_export", "export a checkpoint as one versioned serving artifact"),
+    "serve": ("launch.cmd_serve", "serve an artifact over HTTP (retrieve, streaming item updates)"),
+    "plan": ("launch.cmd_plan", "place the model's tensors on a topology (scale-up first, then out)"),
+}
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -93,6 +108,8 @@ def _run(args: argparse.Namespace) -> int:
     from silvertorch.config import ConfigError
     from train.config import load_train_config
 
+    if args.command in PLUGGED_COMMANDS:
+        return int(importlib.import_module(PLUGGED_COMMANDS[args.command][0]).run(args))
     if args.command == "validate-config":
         return _validate(args)
     cfg = load_train_config(args.config, args.overrides)

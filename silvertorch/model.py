@@ -224,6 +224,8 @@ class RetrievalConfig:
     ``k_prime`` candidates come out of the index and are scored (``max(k, k_prime)`` when a request
     asks for more); ``nprobe`` is the default clusters probed; ``max_k`` bounds a request's ``k``;
     ``verify`` re-checks filters exactly on the candidates (drops Bloom false positives).
+    ``fresh_capacity`` sizes the fresh segment that streaming inserts create
+    (:mod:`silvertorch.catalog`): 0 = ``max(1024, 5% of the catalog)`` rounded up to 64 slots.
     """
 
     k_prime: int = 200
@@ -233,9 +235,11 @@ class RetrievalConfig:
     value_model: ValueModelConfig = field(default_factory=_default_value_model)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     verify: bool = True
+    fresh_capacity: int = 0
 
     def validate(self) -> None:
         check(self.k_prime >= 1, "k_prime", f">= 1, got {self.k_prime}")
+        check(self.fresh_capacity >= 0, "fresh_capacity", f">= 0 (0 = automatic), got {self.fresh_capacity}")
         check(self.nprobe >= 1, "nprobe", f">= 1, got {self.nprobe}")
         check(self.max_k >= 1, "max_k", f">= 1, got {self.max_k}")
         self.overarch.validate()
@@ -264,10 +268,14 @@ class RetrievalModel(nn.Module):
 
     Buffers (all in ``state_dict``, moved by ``.to()``): the index's (``index.ivf.*``,
     ``index.eligibility.*``), ``item_slot (N,) int64`` (slot of each item id) and
-    ``item_feature_<name> (N + 1, L) int64`` per OverArch item feature.
+    ``item_feature_<name> (N + 1, L) int64`` per OverArch item feature, and
+    ``catalog_generation () int64``: the number of catalog mutations applied (streaming updates,
+    :class:`silvertorch.catalog.CatalogUpdater`; 0 for a freshly built index). ``N`` may exceed the
+    largest item id (headroom for new items): ids with ``item_slot == -1`` are not in the index.
     """
 
     item_slot: Tensor
+    catalog_generation: Tensor
 
     def __init__(
         self,
@@ -296,6 +304,7 @@ class RetrievalModel(nn.Module):
         self.overarch, self.value_model, self.reranker = overarch, value_model, reranker
         self.num_items = item_attributes.num_items
         self.register_buffer("item_slot", item_slots(index.ivf.slot_ids, self.num_items))
+        self.register_buffer("catalog_generation", torch.zeros((), dtype=torch.int64))
         self.feature_buffers: dict[str, str] = {}
         for name in overarch.feature_names:
             if name not in item_attributes:
@@ -341,8 +350,18 @@ class RetrievalModel(nn.Module):
                 self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=dev)
         if prefix + "item_slot" in state_dict:
             self.num_items = state_dict[prefix + "item_slot"].shape[0]
+        n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        gen = prefix + "catalog_generation"
+        if gen not in state_dict and gen in missing_keys[n_missing:]:
+            missing_keys.remove(gen)  # a state saved before streaming updates existed: generation 0
+            self.catalog_generation.zero_()
+
+    @property
+    def generation(self) -> int:
+        """Catalog mutations applied so far (streaming updates); carried by ``state_dict``."""
+        return int(self.catalog_generation)
 
     def feature_tables(self) -> dict[str, Tensor]:
         """OverArch feature name -> its ``(N + 1, L) int64`` padded attribute buffer."""

@@ -96,7 +96,7 @@ def gather_features(tables: Mapping[str, Tensor], ids: Tensor) -> dict[str, tupl
 
 
 def item_slots(slot_ids: Tensor, num_items: int) -> Tensor:
-    """``slot_ids (S,) int64`` (``-1`` = padding slot) -> ``(num_items,) int64`` slot of each item
+    """``slot_ids (S,) int64`` (``-1`` padding, ``-2`` deleted) -> ``(num_items,) int64`` slot of each item
     (``-1`` for an item absent from the index)."""
     live = slot_ids >= 0
     if live.any() and int(slot_ids.max()) >= num_items:

@@ -4,6 +4,13 @@ Buffers (see docs/architecture.md): ``centroids (C, d) f32``, ``cluster_offsets 
 (64-aligned), ``slot_ids (S,) int64`` (original id, -1 = padding), ``vectors (S, d)`` in the storage
 dtype, ``scales (S,) f32`` (int8 per-item scale, 1 otherwise; padding slots hold zero vectors, scale 1),
 ``live_words (S/64,) int64``. The metric travels in the module's extra state.
+
+Fresh segment (streaming updates, :mod:`silvertorch.index.fresh`): once an item is added after the
+build, ``cluster_offsets`` has ``C + 2`` entries: ``[off[C], off[C+1])`` is the *fresh cluster*
+(the used part of the fresh region, 64-aligned), which every IVF search scans next to its probed
+clusters, and slots ``[off[C+1], S)`` are unused headroom (dead). Without updates the layout is
+exactly the build's (``C + 1`` offsets, ``off[C] == S``). ``slot_ids`` holds ``-1`` for padding and
+:data:`~silvertorch.index.layout.TOMBSTONE` (``-2``) for a deleted item's slot.
 """
 
 from __future__ import annotations
@@ -153,11 +160,23 @@ class IVFIndex(nn.Module):
         return int((self.slot_ids >= 0).sum())
 
     @property
+    def has_fresh(self) -> bool:
+        """True when a fresh region exists (``cluster_offsets`` has ``C + 2`` entries)."""
+        b = self._buffers  # direct access: this is on the search path
+        return b["cluster_offsets"].shape[0] == b["centroids"].shape[0] + 2
+
+    @property
+    def main_slots(self) -> int:
+        """Slots of the main clusters (``cluster_offsets[C]``); the fresh region follows them."""
+        return int(self.cluster_offsets[self.nlist])
+
+    @property
     def storage_dtype(self) -> torch.dtype:
         return self.vectors.dtype
 
     def spans(self) -> Tensor:
-        """``(C,) int64`` slots owned by each cluster (a multiple of 64)."""
+        """``(C,) int64`` slots owned by each cluster (a multiple of 64); ``(C + 1,)`` with the
+        fresh cluster last when a fresh region exists."""
         return self.cluster_offsets[1:] - self.cluster_offsets[:-1]
 
     # --------------------------------------------------------------- search
@@ -214,8 +233,12 @@ class IVFIndex(nn.Module):
         c, d = self.centroids.shape
         s = self.num_slots
         off = self.cluster_offsets
-        if off.shape != (c + 1,) or int(off[0]) != 0 or int(off[-1]) != s:
-            raise ValueError(f"cluster_offsets must be ({c + 1},) from 0 to {s}, got {tuple(off.shape)}")
+        fresh = off.shape == (c + 2,)
+        if not fresh and (off.shape != (c + 1,) or int(off[-1]) != s):
+            raise ValueError(f"cluster_offsets must be ({c + 1},) from 0 to {s} (or ({c + 2},) with a "
+                             f"fresh cluster), got {tuple(off.shape)}")
+        if int(off[0]) != 0 or int(off[-1]) > s:
+            raise ValueError(f"cluster_offsets must start at 0 and end at most at {s} slots")
         if bool((off % SLOT_ALIGN != 0).any()) or bool((off[1:] < off[:-1]).any()):
             raise ValueError(f"cluster_offsets must be non-decreasing multiples of {SLOT_ALIGN}")
         if self.vectors.shape != (s, d):

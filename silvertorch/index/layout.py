@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["SLOT_ALIGN", "build_layout", "live_words_from_ids", "unpack_words", "get_bits"]
+__all__ = ["SLOT_ALIGN", "TOMBSTONE", "build_layout", "live_words_from_ids", "unpack_words", "get_bits"]
 
 SLOT_ALIGN = 64
+TOMBSTONE = -2  # slot_ids value of a deleted item's slot (padding is -1); its live bit is 0
 
 
 def build_layout(assign: Tensor, nlist: int) -> tuple[Tensor, Tensor, Tensor]:

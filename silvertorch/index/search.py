@@ -5,6 +5,10 @@ rows sorted best first; where fewer than ``k`` items qualify (small catalog, sel
 ``params.k``) the row is padded with ``-inf`` / ``-1``. ``SearchParams`` is per call; the index is
 never mutated by a search (only ``last_stats`` is refreshed).
 
+A fresh segment (streaming updates, see :mod:`silvertorch.index.fresh`) is one extra cluster after
+the main ones that every IVF search probes in addition to its ``nprobe`` nearest; exact search scans
+every slot anyway. The scan, the filter and the verification treat it like any other cluster.
+
 Probe-then-filter: the filter is evaluated only on the words of each query's probed clusters
 (cluster ``c`` owns words ``[cluster_offsets[c] // 64, cluster_offsets[c+1] // 64)``), and
 :class:`SearchStats` reports those words against the whole catalog.
@@ -224,6 +228,10 @@ class ItemIndex(nn.Module):
                   p: SearchParams, stats: SearchStats) -> tuple[Tensor, Tensor]:
         ivf = self.ivf
         probes = ivf.probe(q, p.nprobe)  # (B, P)
+        if ivf.has_fresh:  # the fresh cluster (streaming updates) is always scanned, when non-empty
+            off = ivf.cluster_offsets
+            if int(off[-1]) > int(off[-2]):
+                probes = torch.cat([probes, torch.full_like(probes[:, :1], ivf.nlist)], dim=1)
         pair_words = None
         if plan is not None:
             pair_words, stats.words_evaluated = self._probed_words(plan, probes)

@@ -33,6 +33,7 @@ __all__ = [
     "assemble",
     "load_towers_and_heads",
     "artifact_config",
+    "build_retrieval_model",
     "build_index",
     "load_retrieval_model",
 ]
@@ -129,13 +130,22 @@ def artifact_meta(cfg: TrainConfig, dataset: RecDataset, checkpoint: str | Path 
     }
 
 
-def build_index(cfg: TrainConfig, checkpoint: str | Path, out: str | Path, *,
-                dataset: RecDataset | None = None, progress: bool = True) -> tuple[RetrievalModel, Path]:
-    """Checkpoint -> RetrievalModel saved at ``out``; returns ``(model, path)``."""
-    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+def build_retrieval_model(cfg: TrainConfig, checkpoint: str | Path, dataset: RecDataset, *,
+                          progress: bool = True) -> tuple[RetrievalModel, TwoTower]:
+    """Checkpoint -> ``(RetrievalModel in eval mode, the TwoTower it came from)``: item tower over
+    the catalog, IVF + eligibility, scoring heads from the checkpoint (fresh where absent)."""
     two, heads = load_towers_and_heads(cfg, checkpoint, dataset)
     vectors = embed_catalog(two, dataset, progress=progress)
     index = build_item_index(vectors, cfg, dataset.items.features)
-    model = assemble(cfg.retrieval, two, index, dataset, heads)
+    return assemble(cfg.retrieval, two, index, dataset, heads), two
+
+
+def build_index(cfg: TrainConfig, checkpoint: str | Path, out: str | Path, *,
+                dataset: RecDataset | None = None, progress: bool = True) -> tuple[RetrievalModel, Path]:
+    """Checkpoint -> RetrievalModel saved at ``out`` (the single-file format of
+    :mod:`train.artifact`; ``silvertorch export`` writes the serving artifact); returns
+    ``(model, path)``."""
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    model, _ = build_retrieval_model(cfg, checkpoint, dataset, progress=progress)
     path = save_artifact(out, model, artifact_config(cfg, dataset), artifact_meta(cfg, dataset, checkpoint))
     return model, path

@@ -1,0 +1,93 @@
+"""Checkpoint -> the serving artifact (:mod:`silvertorch.export`): what ``silvertorch export`` runs.
+
+Steps: :func:`train.build_index.build_retrieval_model` (towers and heads from the checkpoint, the
+item tower over the catalog with a progress bar, IVF in ``joint.index_dtype`` with ``joint.nlist``
+lists, eligibility over every item attribute) -> :func:`silvertorch.export.write_artifact` with
+the dataset's vocabularies, raw item ids and titles -> :func:`silvertorch.export.load_artifact`
+(every hash and the pairing id checked on the files just written) -> the exported programs run
+against the eager modules on a sample batch (:func:`silvertorch.export.check_programs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from silvertorch.config import to_dict
+from silvertorch.data.dataset import RecDataset
+from silvertorch.export import ServingArtifact, check_programs, load_artifact, write_artifact
+from train.build_index import build_retrieval_model
+from train.builders import load_dataset
+from train.config import TrainConfig, config_hash
+
+__all__ = ["ExportResult", "dataset_vocabularies", "export_artifact", "summary"]
+
+
+@dataclass
+class ExportResult:
+    """The loaded (verified) artifact and what was written."""
+
+    artifact: ServingArtifact
+    path: Path
+    bytes: int
+    tensors: int
+    program_checks: dict[str, bool] = field(default_factory=dict)  # name -> equals eager
+
+
+def dataset_vocabularies(dataset: RecDataset) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """``(user_vocab, item_vocab)``: per feature with a vocabulary, value id -> raw value string."""
+    def vocab(table: Any) -> dict[str, list[str]]:
+        return {n: [str(v) for v in a.vocab] for n, a in table.features.features.items() if a.vocab is not None}
+
+    return vocab(dataset.users), vocab(dataset.items)
+
+
+def export_artifact(cfg: TrainConfig, checkpoint: str | Path, out: str | Path, *,
+                    dataset: RecDataset | None = None, progress: bool = True, overwrite: bool = False,
+                    export_programs: bool = True) -> ExportResult:
+    """Build the RetrievalModel of ``checkpoint`` and write it (with the item tower) at ``out``.
+
+    Raises ``ConfigError`` (bad config), ``CheckpointError`` (unusable checkpoint),
+    ``FileExistsError`` (``out`` exists and not ``overwrite``); nothing is written on failure.
+    """
+    dataset = dataset if dataset is not None else load_dataset(cfg.data)
+    model, two = build_retrieval_model(cfg, checkpoint, dataset, progress=progress)
+    user_vocab, item_vocab = dataset_vocabularies(dataset)
+    meta = {
+        "dataset": dataset.name,
+        "checkpoint": str(checkpoint),
+        "config_hash": config_hash(cfg),
+        "index_build": {"nlist": cfg.joint.nlist, "dtype": cfg.joint.index_dtype, "seed": cfg.train.seed},
+    }
+    path = write_artifact(out, model, two.item_tower, config=to_dict(cfg), user_vocab=user_vocab,
+                          item_vocab=item_vocab, item_raw_ids=[str(x) for x in dataset.items.raw_ids],
+                          item_titles=[str(t) for t in (dataset.items.titles or [])], extra_meta=meta,
+                          export_programs=export_programs, overwrite=overwrite, progress=progress)  # fmt: skip
+    artifact = load_artifact(path)
+    size = sum(f["bytes"] for f in artifact.manifest["files"].values())
+    checks = check_programs(artifact) if export_programs else {}
+    return ExportResult(artifact, path, size, len(artifact.manifest["tensors"]), checks)
+
+
+def summary(result: ExportResult) -> str:
+    """Human-readable lines about an exported artifact."""
+    m = result.artifact.manifest
+    idx = m["index"]
+    def status(name: str, prog: dict[str, Any]) -> str:
+        if "file" not in prog:
+            return f"not exported ({prog['error'][:80]})"
+        same = result.program_checks.get(name)
+        return "ok" + ("" if same is None else ", equals eager" if same else ", DIFFERS from eager")
+
+    progs = ", ".join(f"{n}: {status(n, p)}" for n, p in m["programs"].items()) or "none"
+    return "\n".join([
+        f"wrote {result.path}",
+        f"  version    {m['version_id']}",
+        f"  pairing    {m['pairing_id'][:16]}",
+        f"  items      {idx['num_items']} (slots {idx['slots']}, nlist {idx['nlist']}, {idx['dtype']}, "
+        f"dim {idx['dim']}, eligibility {'yes' if idx['eligibility'] else 'no'})",
+        f"  tensors    {result.tensors}",
+        f"  bytes      {result.bytes:,} in {len(m['files'])} files (+ manifest.json)",
+        f"  programs   {progs}",
+    ])

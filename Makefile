@@ -29,6 +29,7 @@ data: venv
 
 demo: data
 	$(PY) -m launch.cli demo --config configs/movielens_100k.toml
+	$(PY) -m serve.demo --config configs/movielens_100k.toml --checkpoint runs/movielens_100k/checkpoint.pt
 
 test: data
 	$(PY) -m pytest -q tests

@@ -1,0 +1,52 @@
+"""A sharded run's weights as a single-process checkpoint (``train/checkpoint.py`` format).
+
+``silvertorch eval``, ``build-index`` and ``export`` read single-process checkpoints; this writes
+one from a sharded model: rank 0 gathers the whole tensors (collective) and saves them with the
+step, loader cursor, RNG and config hash. It carries NO optimizer state (the sharded run's fused
+table moments have no single-process layout), so ``Trainer.resume`` refuses it (its optimizer groups
+do not match) instead of silently continuing with fresh moments; to continue training, resume the
+DCP checkpoint with any world size, 1 included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from train.builders import build_model
+from train.checkpoint import TrainState, capture_rng, save_checkpoint
+
+__all__ = ["export_checkpoint"]
+
+
+class _NoOptimizerState:
+    """Stands in for the optimizer in :func:`save_checkpoint`: an empty state with no groups."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": {}, "param_groups": []}
+
+
+def export_checkpoint(trainer: Any, path: str | Path) -> Path | None:
+    """Collective: gather ``trainer``'s (:class:`train.distributed.DistTrainer`) weights and write
+    them on rank 0 as a single-process checkpoint at ``path``. Returns the path on rank 0."""
+    full = trainer.full_state()
+    if full is None:
+        return None
+    model = build_model(trainer.config, trainer.dataset, "cpu")
+    model.load_state_dict(full)
+    loader = trainer.loader.state_dict()
+    state = TrainState(
+        step=trainer.step,
+        epoch=loader["epoch"],
+        loader=loader,
+        rng=capture_rng(trainer._generators()),
+        extra={"exported_from": "sharded", "world_size": trainer.ctx.world_size},
+    )
+    return save_checkpoint(
+        path,
+        model=model,
+        optimizer=_NoOptimizerState(),  # type: ignore[arg-type]
+        state=state,
+        config=trainer._config_flat,
+        config_hash=trainer._config_hash,
+    )

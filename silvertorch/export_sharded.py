@@ -66,6 +66,7 @@ __all__ = [
     "write_sharded_artifact",
     "load_sharded_part",
     "read_sharded_manifest",
+    "read_plan",
     "plan_sha256",
     "world_layout",
 ]
@@ -102,6 +103,12 @@ def _plan_dict(plan: Any) -> dict[str, Any] | None:
     if not isinstance(plan, dict) or not isinstance(plan.get("shards"), int) or plan["shards"] < 1:
         raise ValueError("a plan must be a JSON object with an integer 'shards' >= 1 (silvertorch plan)")
     return json.loads(json.dumps(plan))  # plain JSON values (tuples -> lists, as read back)
+
+
+def read_plan(plan: Any) -> dict[str, Any] | None:
+    """A plan (``Plan``, dict or ``sharding_plans/*.json`` path) as its JSON dict; ``ValueError``
+    naming what is wrong (missing file, not JSON, no integer ``shards`` >= 1). None stays None."""
+    return _plan_dict(plan)
 
 
 def world_layout(world_size: int, shards: int, replicas: int) -> tuple[int, int]:

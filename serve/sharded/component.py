@@ -35,6 +35,7 @@ def serve(
     max_wait_ms: float = 2.0,
     max_restarts: int = 0,
     port_file: Optional[str] = None,
+    state_dir: str = "runs/serve_state",
     image: str = "silvertorch:latest",
     cpu: int = 2,
     gpu: int = 0,
@@ -56,6 +57,7 @@ def serve(
         max_batch_size / max_wait_ms: micro-batching of the leader.
         max_restarts: torchelastic restarts of the worker group.
         port_file: the leader writes its bound port there (useful with ``port=0``).
+        state_dir: the leader's durable item-update log (replayed at restart).
         image, cpu, gpu, memMB, env, rdzv_port, python: as ``launch/components.py:train``.
     """
     if nnodes < 1 or nproc_per_node < 1:
@@ -72,6 +74,7 @@ def serve(
         "-m", ENTRY_MODULE, artifact, "--device", device, "--host", host, "--port", str(port),
         "--timeout-s", str(timeout_s), "--heartbeat-s", str(heartbeat_s),
         "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
+        "--state-dir", state_dir,
     ]  # fmt: skip
     if plan:
         args += ["--plan", plan]

@@ -8,6 +8,13 @@ the followers), micro-batches them (``max_batch_size`` / ``max_wait_ms``), group
 While idle it sends ``{"op": "ping"}`` every ``heartbeat_s`` (a dead follower is noticed without
 traffic). Any collective failure marks the leader **failed**: queued and later requests are answered
 at once with :class:`ShardUnavailable` (the HTTP layer maps it to 503) and ``/healthz`` says why.
+
+Item updates (upsert / delete / patch) are jobs of the same FIFO queue: a query batch closes when an
+update is next in line, so every answer reads one generation on ALL ranks (read-after-write, no torn
+reads). An update is validated completely on the leader (:mod:`.updates`), broadcast as
+``{"op": "update", "record": ...}``, applied by every rank (:mod:`.catalog`), appended (fsynced) to
+the leader's update log (``serve/update_log.py``) and only then acknowledged; at start-up the
+leader replays its log to every rank before it serves (:meth:`Leader.replay`).
 """
 
 from __future__ import annotations
@@ -19,18 +26,24 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from serve.ids import ItemIds
+from serve.served import RequestError, state_dir_for
+from serve.update_log import UpdateLog
 from silvertorch.distributed.sharded_retrieval import ShardPeerError
 from silvertorch.export import encode_user_features
 from silvertorch.export_sharded import ShardedPart
 from silvertorch.index.expr import FilterSyntaxError, parse
 
+from .catalog import ShardCatalog
 from .fanout import Fanout, FanoutError
+from .updates import UpdatePreparer
 
-__all__ = ["ShardUnavailable", "BadRequest", "Leader", "execute"]
+__all__ = ["ShardUnavailable", "BadRequest", "Leader", "Update", "execute"]
 
 log = logging.getLogger("silvertorch.serve.sharded")
 
@@ -67,12 +80,22 @@ class Query:
     future: Future = field(default_factory=Future)
 
 
+@dataclass
+class Update:
+    """One item update: ``prepare(preparer) -> record`` runs on the owner thread; the future
+    resolves to ``(record, seq, generation)``."""
+
+    prepare: Callable[[UpdatePreparer], dict[str, Any]]
+    future: Future = field(default_factory=Future)
+
+
 class Leader:
     """See the module doc. ``fanout`` None = a world of one rank (nothing to broadcast)."""
 
     def __init__(self, part: ShardedPart, fanout: Fanout | None, *, max_batch_size: int = 64,
                  max_wait_ms: float = 2.0, max_k: int = 1000, heartbeat_s: float = 5.0,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, catalog: ShardCatalog | None = None,
+                 state_dir: str | Path | None = None) -> None:
         self.part, self.fanout, self.metrics = part, fanout, metrics
         self.model = part.model
         self.max_batch_size, self.max_wait_s = int(max_batch_size), float(max_wait_ms) / 1000.0
@@ -80,7 +103,16 @@ class Leader:
         self.k_prime = int(self.model.config.k_prime)
         self.heartbeat_s = float(heartbeat_s)
         self.tasks = list(self.model.overarch.tasks)
-        self._queue: queue.Queue[Query | None] = queue.Queue()
+        self.ids = ItemIds(part.item_raw_ids, part.item_titles or None)
+        # updates: the catalog (owner map) and the durable log; None = a read-only replica
+        self.catalog = catalog
+        self.preparer = UpdatePreparer(part, catalog, self.ids) if catalog is not None else None
+        self.log: UpdateLog | None = None
+        if catalog is not None and state_dir is not None:
+            self.log = UpdateLog(state_dir_for(state_dir, part.version) / "log.jsonl", part.version)
+        self.replayed = 0
+        self._queue: queue.Queue[Query | Update | None] = queue.Queue()
+        self._held: Query | Update | None = None  # an update that closed a query batch
         self._thread = threading.Thread(target=self._loop, name="sharded-leader", daemon=True)
         self._stopping = False
         self.ready = False
@@ -101,6 +133,17 @@ class Leader:
         self._thread.start()
         self.ready = True
 
+    def replay(self) -> int:
+        """Before :meth:`start`: apply the update log to every rank (the followers get each record
+        as an ``update`` message); returns the number of records replayed."""
+        if self.log is None:
+            return 0
+        for record in self.log.replayed:
+            self._broadcast_and_apply(record)
+        self.replayed = len(self.log.replayed)
+        self.log.replayed = []
+        return self.replayed
+
     def stop(self) -> None:
         """Stop the owner thread; tell the followers to exit (when they can still hear it)."""
         self._stopping = True
@@ -111,6 +154,8 @@ class Leader:
                 self.fanout.send({"op": "stop"})
             except FanoutError:
                 pass
+        if self.log is not None:
+            self.log.close()
 
     # ---------------------------------------------------------------------------- requests
     def parse(self, user: dict[str, Any], k: int, filter: str | None, value_weights: Any,
@@ -158,29 +203,96 @@ class Leader:
             self._queue.put(query)
         return query.future
 
+    def update(self, prepare: Callable[[UpdatePreparer], dict[str, Any]]) -> Future:
+        """Queue an item update (``prepare`` builds its record on the owner thread); the future
+        resolves to ``(record, seq, generation)`` or raises ``RequestError`` / ``ShardUnavailable``."""
+        job = Update(prepare)
+        if self.preparer is None:
+            job.future.set_exception(RequestError(501, "this sharded replica serves no item updates"))
+        elif not self.healthy:
+            job.future.set_exception(ShardUnavailable(self.failure))
+        else:
+            self._queue.put(job)
+        return job.future
+
     # ------------------------------------------------------------------------------- owner
+    def _next(self, timeout: float | None) -> Query | Update | None:
+        if self._held is not None:
+            job, self._held = self._held, None
+            return job
+        return self._queue.get(timeout=timeout) if timeout is None or timeout > 0 else self._queue.get_nowait()
+
     def _loop(self) -> None:
         while not self._stopping:
             try:
-                first = self._queue.get(timeout=self.heartbeat_s)
+                first = self._next(self.heartbeat_s)
             except queue.Empty:
                 self._ping()
                 continue
             if first is None:
                 break
+            if isinstance(first, Update):
+                self._run_update(first)
+                continue
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 left = deadline - time.monotonic()
                 try:
-                    nxt = self._queue.get(timeout=max(left, 0)) if left > 0 else self._queue.get_nowait()
+                    nxt = self._next(left if left > 0 else 0)
                 except queue.Empty:
                     break
                 if nxt is None:
                     self._stopping = True
                     break
+                if isinstance(nxt, Update):  # the batch closes; the update runs right after it
+                    self._held = nxt
+                    break
                 batch.append(nxt)
             self._run(batch)
+
+    # ------------------------------------------------------------------------------ updates
+    def _broadcast_and_apply(self, record: dict[str, Any]) -> int:
+        """Every rank applies ``record`` (followers via one broadcast); the new generation.
+        Checked first: a record the leader refuses reaches no rank."""
+        self.catalog.check(record)  # type: ignore[union-attr]
+        if self.fanout is not None:
+            self.fanout.send({"op": "update", "record": record})
+        generation = self.catalog.apply(record)  # type: ignore[union-attr]
+        self.preparer.assign_ids(record)  # type: ignore[union-attr]
+        return generation
+
+    def _run_update(self, job: Update) -> None:
+        if not self.healthy:
+            job.future.set_exception(ShardUnavailable(self.failure))
+            return
+        try:
+            record = job.prepare(self.preparer)  # type: ignore[arg-type]
+        except Exception as err:  # noqa: BLE001 - refused before any rank wrote anything
+            job.future.set_exception(err)
+            return
+        try:
+            generation = self._broadcast_and_apply(record)
+        except FanoutError as err:
+            job.future.set_exception(ShardUnavailable(str(err)))
+            return
+        except Exception as err:  # noqa: BLE001 - checked already: a bug; the ranks may differ now
+            log.exception("update failed after validation; marking the replica not ready")
+            self.ready = False
+            job.future.set_exception(err)
+            return
+        seq = 0
+        if self.log is not None:
+            try:
+                seq = self.log.append([record])[0]
+            except Exception as err:  # noqa: BLE001 - applied but not durable: drain traffic
+                log.exception("update log append failed; marking the replica not ready")
+                self.ready = False
+                job.future.set_exception(err)
+                return
+        if self.metrics is not None:
+            self.metrics.updates.labels(record["op"]).inc()
+        job.future.set_result(({**record, "seq": seq}, seq, generation))
 
     def _ping(self) -> None:
         if self.fanout is None or not self.healthy:
@@ -231,7 +343,7 @@ class Leader:
         res = execute(self.part, msg, plan)
         ids, scores = res.ids.tolist(), res.scores.tolist()
         tasks, ann = res.task_scores.tolist(), res.retrieval_scores.tolist()
-        raw, titles = self.part.item_raw_ids, self.part.item_titles
+        raw, titles = self.ids.raw, self.ids.titles
         out = []
         for j, q in enumerate(group):
             items = []

@@ -9,8 +9,14 @@ world-size mismatch, naming it), then:
   (``--port 0``: any free port) and prints one JSON line ``{"listening": URL, "port": P, "rank": R,
   "shards": S, "replica": g, "version": V}`` (and writes the port to ``--port-file`` + ``.g``
   suffix for ``g > 0``);
-- the other ranks follow: run every broadcast batch, exit 0 on ``stop``, exit 1 when the leader is
-  gone (no message within ``heartbeat + timeout``) so the launcher restarts the job.
+- the other ranks follow: run every broadcast batch and apply every broadcast item update, exit 0
+  on ``stop``, exit 1 when the leader is gone (no message within ``heartbeat + timeout``) so the
+  launcher restarts the job.
+
+Item updates (CPU ranks): every rank builds the replicated owner map (one all-gather, see
+``serve/sharded/catalog.py``); the leader keeps the durable update log under ``--state-dir``
+(``STATE_DIR/<artifact version>/log.jsonl``, one sub-directory ``replica-g`` per replica when the
+world runs several) and replays it to every rank before it listens.
 
 Exit codes: 0 normal stop, 1 a dead peer / unusable artifact, 2 bad flags.
 """
@@ -42,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--max-k", type=int, default=1000)
+    parser.add_argument("--state-dir", default="runs/serve_state",
+                        help="the leader's durable update log (per artifact version)")
+    parser.add_argument("--max-upsert-batch", type=int, default=1000, help="most items in one PUT /v1/items")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -85,16 +94,45 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: rank {rank}: refusing to serve {args.artifact}: {err}", file=sys.stderr)
         return 1
     part.model.to(ctx.device)
-    from .fanout import Fanout
+    from silvertorch.distributed.sharded_retrieval import ShardPeerError
 
+    from .fanout import Fanout
+    from .leader import execute
+
+    try:  # warm-up, the same on every rank: the first forward loads the compiled search kernels,
+        # which can take long on a busy host; the leader listens (is ready) only after it
+        execute(part, {"users": [{}], "k": 1, "filters": None, "weights": None, "nprobe": None})
+    except ShardPeerError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    catalog = None
+    if ctx.device.type == "cpu":  # streaming updates run on CPU shards (as the unsharded updater)
+        try:
+            catalog = _catalog(part)
+        except ShardPeerError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 1
     fanout = None if shards == 1 else Fanout(rank=rank, leader=replica * shards, group=control[replica],
                                               timeout_s=args.timeout_s)
     if rank % shards == 0:
-        return _lead(args, part, fanout, replica)
-    return _follow(args, part, fanout)
+        return _lead(args, part, fanout, replica, catalog, world // shards)
+    return _follow(args, part, fanout, catalog)
 
 
-def _follow(args: argparse.Namespace, part: Any, fanout: Any) -> int:
+def _catalog(part: Any) -> Any:
+    """This rank's :class:`ShardCatalog` (a collective: every rank of the replica calls it)."""
+    from .catalog import ShardCatalog
+
+    a = part.manifest["assignment"]
+    fresh_owner = int(a["fresh_owner"])
+    if fresh_owner < 0:  # no fresh region yet: the least-loaded shard receives new items, ties
+        # to the highest rank (shard 0 already carries the HTTP front, the log and the item tower)
+        load = list(a["items_per_shard"])
+        fresh_owner = min(range(len(load)), key=lambda r: (load[r], -r))
+    return ShardCatalog.gather(part.model, fresh_owner)
+
+
+def _follow(args: argparse.Namespace, part: Any, fanout: Any, catalog: Any) -> int:
     from silvertorch.distributed.sharded_retrieval import ShardPeerError
 
     from .fanout import FanoutError
@@ -109,6 +147,15 @@ def _follow(args: argparse.Namespace, part: Any, fanout: Any) -> int:
         op = msg.get("op")
         if op == "stop":
             return 0
+        if op == "update":
+            try:
+                catalog.apply(msg["record"])
+            except Exception as err:  # noqa: BLE001 - the leader checked it: this rank would diverge
+                print(f"error: rank {part.shard}: update {msg['record'].get('op')} refused after the "
+                      f"leader accepted it ({type(err).__name__}: {err}); stopping so all ranks restart",
+                      file=sys.stderr, flush=True)
+                return 1
+            continue
         if op != "retrieve":
             continue
         try:
@@ -120,7 +167,7 @@ def _follow(args: argparse.Namespace, part: Any, fanout: Any) -> int:
             log.warning("batch refused on this rank too: %s", err)
 
 
-def _lead(args: argparse.Namespace, part: Any, fanout: Any, replica: int) -> int:
+def _lead(args: argparse.Namespace, part: Any, fanout: Any, replica: int, catalog: Any, replicas: int) -> int:
     import uvicorn
 
     from serve.metrics import Metrics
@@ -130,17 +177,33 @@ def _lead(args: argparse.Namespace, part: Any, fanout: Any, replica: int) -> int
     from .leader import Leader
 
     metrics = Metrics()
-    leader = Leader(part, fanout, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                    max_k=args.max_k, heartbeat_s=args.heartbeat_s, metrics=metrics)
+    from serve.update_log import LogError
+
+    from .fanout import FanoutError
+
+    state = Path(args.state_dir) if replicas == 1 else Path(args.state_dir) / f"replica-{replica}"
+    try:
+        leader = Leader(part, fanout, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                        max_k=args.max_k, heartbeat_s=args.heartbeat_s, metrics=metrics, catalog=catalog,
+                        state_dir=state if catalog is not None else None)
+        leader.replay()
+    except (LogError, FanoutError, ValueError, KeyError) as err:
+        print(f"error: refusing to serve {args.artifact}: {err}", file=sys.stderr, flush=True)
+        if fanout is not None and fanout.failure is None:
+            try:
+                fanout.send({"op": "stop"})
+            except FanoutError:
+                pass
+        return 1
     leader.start()
-    app = create_sharded_app(leader, metrics)
+    app = create_sharded_app(leader, metrics, max_upsert_batch=args.max_upsert_batch)
     sock = _bind(args.host, args.port + replica if args.port else 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False,
                                            **_loop_and_http()))
     shards = part.manifest["shards"]
     line = {"listening": f"http://{args.host}:{port}", "port": port, "rank": replica * shards,
-            "shards": shards, "replica": replica, "version": part.version}
+            "shards": shards, "replica": replica, "version": part.version, "replayed": leader.replayed}
     print(json.dumps(line), flush=True)
     if args.port_file:
         target = Path(args.port_file if replica == 0 else f"{args.port_file}.{replica}")

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare-joint", help="joint training vs the two-stage baseline, evaluated")
     with_config(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="train both recipes at each seed and report mean ± sd (default: train.seed)")
 
     for name, (module, help_text) in PLUGGED_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -147,9 +149,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {path}: {ivf.ntotal} items, nlist {ivf.nlist}, {cfg.joint.index_dtype}, "
               f"tasks {model.overarch.tasks}")
     elif args.command == "compare-joint":
-        from train.compare_joint import compare_joint
+        from train.compare_joint import compare_joint, compare_joint_seeds
 
-        print(compare_joint(cfg)[2])
+        print(compare_joint_seeds(cfg, args.seeds)[2] if args.seeds else compare_joint(cfg)[2])
     return 0
 
 

@@ -137,6 +137,14 @@ class JointConfig:
     - ``head_rows``: rows of each batch whose mined candidates train the heads (cost control).
     - ``head_polish_epochs``: after joint training, epochs of the heads alone on the final index
       with the towers frozen (the heads last saw moving towers; this fits them to the served ones).
+    - ``warmup_epochs``: the first epochs of ``train.epochs`` train the towers alone (the two-tower
+      loss and optimizer of ``train/loop.py``, no index); the index enters the loop after them.
+    - ``head_tower_grad``: scale of the head loss's gradient into the towers (0 = stop-gradient:
+      the heads train on the index's candidates without moving the towers; 1 = full).
+    - ``skip_seen``: mined candidates the user rated in train get weight 0 in the head loss (the
+      heads learn the positive against retrieved unrated items, what they rank when served); false
+      = they are labelled from the train ratings.
+    - ``baseline_head_epochs``: heads-only epochs of the two-stage baseline (None = ``train.epochs``).
     """
 
     enabled: bool = False
@@ -148,8 +156,16 @@ class JointConfig:
     mine_k: int | None = None
     head_rows: int = 32
     head_polish_epochs: int = 0
+    warmup_epochs: int = 0
+    head_tower_grad: float = 1.0
+    skip_seen: bool = False
+    baseline_head_epochs: int | None = None
 
     def validate(self) -> None:
+        check(self.warmup_epochs >= 0, "warmup_epochs", f">= 0, got {self.warmup_epochs}")
+        check(self.head_tower_grad >= 0, "head_tower_grad", f">= 0, got {self.head_tower_grad}")
+        base = self.baseline_head_epochs
+        check(base is None or base >= 1, "baseline_head_epochs", f">= 1 or unset, got {base}")
         check(self.head_polish_epochs >= 0, "head_polish_epochs", f">= 0, got {self.head_polish_epochs}")
         check(self.head_loss_weight >= 0, "head_loss_weight", f">= 0, got {self.head_loss_weight}")
         check(

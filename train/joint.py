@@ -7,9 +7,12 @@ mines each head row's top-K' candidates from that index and minimizes
 together (:mod:`train.joint_step`). At the end the index is rebuilt once more, so the served vectors
 are exactly the (fake-quantized) ones the heads last trained on.
 
+With ``joint.warmup_epochs = W`` the first ``W`` epochs train the towers alone (the two-tower loss,
+no index), the index is built from them and enters the loop for the remaining epochs.
+
 Two-stage (:func:`train_two_stage`): the towers alone (:func:`train.loop.train`), the index built
-afterwards, then the OverArch trained for the same number of epochs on index-mined candidates with
-frozen towers (the same step with ``train_towers=False``).
+afterwards, then the OverArch trained for ``joint.baseline_head_epochs`` (default ``train.epochs``)
+epochs on index-mined candidates with frozen towers (the same step with ``train_towers=False``).
 
 Checkpoints are the two-tower checkpoints of :mod:`train.checkpoint` (``eval`` reads them) with the
 heads in ``extra["heads"]`` (``overarch``, ``value_model`` state dicts) for ``build-index``. A joint
@@ -130,6 +133,7 @@ class JointTrainer:
             head_loss_weight=cfg.joint.head_loss_weight,
             hard_negative_weight=cfg.joint.hard_negative_weight,
             quantize=cfg.joint.index_dtype == "int8", train_towers=self.train_towers,
+            head_tower_grad=cfg.joint.head_tower_grad, skip_seen=cfg.joint.skip_seen,
         )  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -139,6 +143,25 @@ class JointTrainer:
         self.optimizer.step()
         self.step += 1
         return out.stats
+
+    def warmup_step(self, batch: Batch) -> dict[str, float]:
+        """One step of the towers alone: the two-tower loss of :class:`~silvertorch.model.TwoTower`
+        (as in ``train/loop.py``), no index, the joint optimizer (the heads get no gradient, so
+        Adam leaves them unchanged). Returns its stats with ``head_loss`` 0."""
+        self.model.train()
+        batch = batch.to(self.base.device)
+        negatives = None
+        if self.base.negatives is not None:
+            ids, kjt = self.base.negatives.sample()
+            negatives = (ids.to(self.base.device), kjt.to(self.base.device))
+        out = self.model(batch, negatives)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.config.optim.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip_norm)
+        self.optimizer.step()
+        self.step += 1
+        return {**out.stats, "head_loss": 0.0}
 
     # -- the loop ----------------------------------------------------------------------------
     def save(self, path: Path | None = None) -> Path:
@@ -153,21 +176,25 @@ class JointTrainer:
                                config=self.base._config_flat, config_hash=self.base._config_hash)  # fmt: skip
 
     def _run_epochs(self, epochs: int, total: int, losses: list[float], head_losses: list[float],
-                    refresh: bool) -> None:
+                    refresh: bool, warmup: int = 0) -> None:
         """Train ``epochs`` over the loader (at most ``total`` steps in all), refreshing the index
-        every ``joint.index_refresh_every`` epochs when ``refresh``."""
+        every ``joint.index_refresh_every`` epochs when ``refresh``; the first ``warmup`` epochs
+        train the towers alone (:meth:`warmup_step`) and the index is rebuilt when they end."""
         loader, joint = self.base.loader, self.config.joint
         desc = "joint" if self.train_towers else "heads"
         bar = tqdm(total=min(total, epochs * len(loader)), disable=not self.config.train.progress,
                    desc=desc, unit="step", dynamic_ncols=True)  # fmt: skip
         steps = 0
         for epoch in range(epochs):
-            if refresh and epoch > 0 and epoch % joint.index_refresh_every == 0:
-                self.refresh_index()
+            if epoch >= warmup and epoch > 0 and (
+                epoch == warmup or (refresh and (epoch - warmup) % joint.index_refresh_every == 0)
+            ):
+                self.refresh_index()  # the index enters the loop built from the warmed-up towers
+            step = self.warmup_step if epoch < warmup else self.train_step
             sums = {"loss": 0.0, "head_loss": 0.0}
             n = 0
             for batch in loader:
-                stats = self.train_step(batch)
+                stats = step(batch)
                 sums["loss"] += stats["loss"]
                 sums["head_loss"] += stats["head_loss"]
                 n += 1
@@ -202,8 +229,11 @@ class JointTrainer:
         result = JointResult(self.model, self.scorer, self.dataset, 0)
         start = time.perf_counter()
         joint_recipe = self.train_towers
+        warmup = self.config.joint.warmup_epochs if joint_recipe else 0
+        if warmup > epochs:
+            raise ConfigError("joint.warmup_epochs", f"<= the {epochs} training epochs, got {warmup}")
         self._run_epochs(epochs, total, result.epoch_losses, result.epoch_head_losses,
-                         refresh=self.train_towers)
+                         refresh=self.train_towers, warmup=warmup)
         if joint_recipe:
             self.refresh_index()  # serve exactly the vectors the towers ended with
             polish = self.config.joint.head_polish_epochs
@@ -232,7 +262,7 @@ def train_two_stage(config: TrainConfig, dataset: RecDataset | None = None) -> J
     start = time.perf_counter()
     towers = train(stage1, dataset=dataset)
     heads = JointTrainer(config, towers.dataset, towers=towers.model, train_towers=False)
-    result = heads.fit()
+    result = heads.fit(config.joint.baseline_head_epochs or config.train.epochs)
     result.epoch_losses = towers.epoch_losses
     result.seconds = time.perf_counter() - start
     return result

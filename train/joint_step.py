@@ -12,8 +12,11 @@ For a batch of ``B`` (user, positive item) pairs and the first ``H`` rows' index
 3. head loss: the OverArch (``RetrievalModel.score_candidates``) scores each head row's candidates
    ``[positive, mined_1 .. mined_K]`` from ``(q, e)`` and their attributes; BCE against the labels
    (positive column: the batch labels; mined: the user's TRAIN ratings), padding and mined copies of
-   the positive weighted 0. ``<q, e>`` - the scan's score, recomputed with autograd - is an OverArch
-   input, so head gradients reach both towers;
+   the positive weighted 0; with ``skip_seen`` the mined candidates the user rated in train are
+   weighted 0 as well, so the heads learn what they do when served - the positive against retrieved
+   items the user has not rated. ``<q, e>`` - the scan's score, recomputed with autograd - is an
+   OverArch input, so head gradients reach both towers, scaled by ``head_tower_grad`` (0 = the
+   head loss trains the OverArch only; the forward pass is unchanged);
 4. optional hard-negative loss: softmax of the positive against the mined candidates the user
    never rated, logits ``q . e / tau`` (the recomputed scan scores).
 
@@ -37,7 +40,7 @@ from silvertorch.losses import LossOutput, mixed_log_q, sampled_softmax_loss
 from silvertorch.model import RetrievalModel, TwoTower
 from train.mining import InteractionLabels
 
-__all__ = ["JointInputs", "joint_loss", "head_bce"]
+__all__ = ["JointInputs", "joint_loss", "head_bce", "scale_grad"]
 
 
 @dataclass
@@ -66,6 +69,16 @@ def _item_vectors(two: TwoTower, items: FeatureTable, ids: Tensor, quantize: boo
     return vec.index_select(0, inverse.to(device))
 
 
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass
+    (``0`` = stop-gradient, ``1`` = unchanged)."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x.detach() + scale * (x - x.detach())
+
+
 def head_bce(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
     """``logits, labels (H, C, T) f32``, ``weight (H, C) f32`` -> weighted mean BCE over pairs and
     tasks (0 when every weight is 0)."""
@@ -85,6 +98,8 @@ def joint_loss(
     hard_negative_weight: float = 0.0,
     quantize: bool = True,
     train_towers: bool = True,
+    head_tower_grad: float = 1.0,
+    skip_seen: bool = False,
 ) -> LossOutput:
     """The joint loss of ``batch`` (see the module docstring). ``scorer`` shares ``two.user_tower``
     and holds the OverArch being trained; ``items`` builds item-feature KJTs of the item tower."""
@@ -107,20 +122,22 @@ def joint_loss(
     # heads: [positive, mined candidates] of the first H rows
     cand_ids = torch.cat([batch.item_ids[:H, None], mined], dim=1)  # (H, 1 + K)
     cand_vec = torch.cat([positives[:H, None], cand], dim=1)
-    logits = scorer.score_candidates(query[:H], cand_vec, cand_ids.to(device))  # (H, 1+K, T)
+    head_q, head_e = scale_grad(query[:H], head_tower_grad), scale_grad(cand_vec, head_tower_grad)
+    logits = scorer.score_candidates(head_q, head_e, cand_ids.to(device))  # (H, 1+K, T)
     pos_labels = torch.stack(
         [batch.labels[t][:H] if t in batch.labels else torch.ones(H) for t in tasks], dim=-1
     )
     mined_labels = labels.labels(batch.user_ids[:H].cpu(), mined.cpu(), tasks)
     target = torch.cat([pos_labels[:, None], mined_labels], dim=1).to(device)
-    weight = torch.cat(
-        [torch.ones(H, 1), ((mined >= 0) & (mined != batch.item_ids[:H, None])).float().cpu()], dim=1
-    ).to(device)
+    valid = ((mined >= 0) & (mined != batch.item_ids[:H, None])).float().cpu()  # (H, K)
+    rated = labels.rating(batch.user_ids[:H].cpu(), mined.cpu()) > 0  # (H, K) in the train set
+    keep = valid * (~rated).float() if skip_seen else valid
+    weight = torch.cat([torch.ones(H, 1), keep], dim=1).to(device)
     heads = head_bce(logits, target, weight)
     stats = {"head_loss": float(heads.detach())}
-    with torch.no_grad():  # share of mined candidates the user rated, per task
+    with torch.no_grad():  # share of mined candidates the user rated in train, per task
         for t, name in enumerate(tasks):
-            share = (target[:, 1:, t] * weight[:, 1:]).sum() / weight[:, 1:].sum().clamp_min(1)
+            share = (mined_labels[..., t] * valid).sum() / valid.sum().clamp_min(1)
             stats[f"mined_{name}"] = float(share)
     if not train_towers:
         return LossOutput(heads, {"loss": float(heads.detach()), **stats})
@@ -139,7 +156,7 @@ def joint_loss(
     stats.update({"retrieval_loss": retrieval.stats["loss"], "top1": retrieval.stats["top1"]})
     if hard_negative_weight > 0:
         scan = (query[:H, None, :] * cand).sum(-1) / tau  # (H, K): the scan's scores, with autograd
-        never_rated = (mined_labels.sum(-1) == 0).to(device) & (weight[:, 1:] > 0)
+        never_rated = (~rated).to(device) & (weight[:, 1:] > 0)
         pos_score = (query[:H] * positives[:H]).sum(-1, keepdim=True) / tau
         hard_logits = torch.cat([pos_score, scan.masked_fill(~never_rated, float("-inf"))], dim=1)
         hard = F.cross_entropy(hard_logits, torch.zeros(H, dtype=torch.int64, device=device))

@@ -185,8 +185,19 @@ class Tower(nn.Module):
         return {t.name: t.num_embeddings for t in self.ebc.embedding_bag_configs()}
 
     def reset_parameters(self) -> None:
-        """Re-initialize every weight (after ``to_empty`` from ``meta``)."""
-        self.ebc.reset_parameters()
+        """Re-initialize every weight (after ``to_empty`` from ``meta``).
+
+        TorchRec's ``EmbeddingBagCollection.reset_parameters`` is a no-op for a collection
+        constructed on ``meta`` (it checks the construction device, which ``to_empty`` does not
+        change), so each table's ``init_fn`` is applied here directly.
+        """
+        for table in self.ebc.embedding_bag_configs():
+            weight = self.ebc.embedding_bags[table.name].weight
+            if weight.device.type == "meta":
+                continue
+            assert table.init_fn is not None  # TorchRec's config sets a default init_fn
+            with torch.no_grad():
+                table.init_fn(weight)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
                 m.reset_parameters()

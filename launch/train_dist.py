@@ -91,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = evaluate_distributed(trainer.model.module, trainer.dataset, cfg.eval, ctx.device)
             if ctx.is_main:
                 print("eval: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+        # every rank reaches the end before any tears the group down: a rank that destroys its
+        # process group while a peer still works (e.g. rank 0's evaluation) was seen to abort the
+        # peer at exit ("terminate called without an active exception")
+        torch.distributed.barrier()
         return 0
     except (ConfigError, ValueError) as err:
         print(f"error (rank {ctx.rank}): {err}", file=sys.stderr)

@@ -80,7 +80,7 @@ def test_serve_starts_the_ranks_and_answers_as_the_single_process_server(exporte
     proc = subprocess.Popen(
         [sys.executable, "-m", "launch.cli", "serve", str(exported["sharded"]), "--port", "0",
          "--port-file", str(port_file), "--state-dir", str(tmp / "state"), "--heartbeat-s", "1",
-         "--timeout-s", "20"],
+         "--timeout-s", "60"],
         cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True)
     flat = Served(load_artifact(exported["flat"]), tmp / "flat_state", max_k=1000)

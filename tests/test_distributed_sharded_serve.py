@@ -49,7 +49,7 @@ def _start(art: Path, tmp: Path, state: Path, tag: str) -> tuple[list[subprocess
         log = open(tmp / f"rank{rank}-{tag}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "serve.sharded.worker", str(art), "--port", "0", "--port-file",
-             str(port_file), "--timeout-s", "10", "--heartbeat-s", "1", "--state-dir", str(state)],
+             str(port_file), "--timeout-s", "60", "--heartbeat-s", "1", "--state-dir", str(state)],
             cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 180  # a hang guard, not a timing check
     while not port_file.exists() and time.monotonic() < deadline and all(p.poll() is None for p in procs):

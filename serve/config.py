@@ -33,6 +33,10 @@ class ServeConfig:
     - ``threads``: torch intra-op threads of the model-owner thread.
     - ``switch_interval_ms``: Python's GIL switch interval (default 5 ms in CPython): lower lets
       the event loop answer while the owner thread runs Python code between torch kernels.
+    - ``gc_freeze``: after loading (and after each hot swap) run one garbage collection and move
+      every object alive then (modules, model, vocabularies: ~350k objects) out of the cyclic
+      collector's reach (``gc.freeze()``), so a full collection no longer stalls every request
+      for ~170 ms; the old artifact's objects are collected before the freeze of a swap.
     """
 
     host: str = "127.0.0.1"
@@ -46,6 +50,7 @@ class ServeConfig:
     state_dir: str = "runs/serve_state"
     threads: int = 2
     switch_interval_ms: float = 1.0
+    gc_freeze: bool = True
 
     def validate(self) -> None:
         check(0 <= self.port <= 65535, "serve.port", f"in [0, 65535], got {self.port}")

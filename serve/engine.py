@@ -21,6 +21,7 @@ thread switches ``served`` between two batches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -44,8 +45,17 @@ log = logging.getLogger("silvertorch.serve")
 
 @dataclass
 class _QueryJob:
+    """A query; answered through ``future`` (a thread-safe Future), or, when ``loop`` is set,
+    through the asyncio future ``waiter`` of that event loop (one hand-off per batch and loop)."""
+
     query: Query
-    future: Future = field(default_factory=Future)
+    as_json: bool = False
+    future: Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future | None = None
+
+    def done(self) -> bool:
+        return self.future.done() if self.future is not None else False
 
 
 @dataclass
@@ -62,6 +72,37 @@ class _CallJob:
 
     fn: Callable[[], Any]
     future: Future = field(default_factory=Future)
+
+
+def _settle(answers: list[tuple[_QueryJob, Any, BaseException | None]]) -> None:
+    """On an event loop: resolve the asyncio futures of ``answers`` (a cancelled one is skipped:
+    its client went away)."""
+    for job, result, error in answers:
+        if job.waiter is None or job.waiter.done():
+            continue
+        if error is not None:
+            job.waiter.set_exception(error)
+        else:
+            job.waiter.set_result(result)
+
+
+def _answer(answers: list[tuple[_QueryJob, Any, BaseException | None]]) -> None:
+    """Answer query jobs: thread-safe Futures at once; asyncio futures with ONE
+    ``call_soon_threadsafe`` per event loop (one loop wake-up per batch, not one per query)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_QueryJob, Any, BaseException | None]]] = {}
+    for job, result, error in answers:
+        if job.future is not None:
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+        elif job.loop is not None:
+            by_loop.setdefault(job.loop, []).append((job, result, error))
+    for loop, part in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, part)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
 
 
 class Engine:
@@ -91,10 +132,20 @@ class Engine:
         self.served.close()
 
     # ------------------------------------------------------------------------ entry points
-    def query(self, query: Query) -> Future:
-        job = _QueryJob(query)
+    def query(self, query: Query, as_json: bool = False) -> Future:
+        """Future of the answer: a dict, or its JSON bytes when ``as_json``
+        (:meth:`serve.served.Served.run_queries`)."""
+        job = _QueryJob(query, as_json, future=Future())
         self._queue.put(job)
         return job.future
+
+    def query_async(self, query: Query, as_json: bool = True) -> asyncio.Future:
+        """As :meth:`query`, from a coroutine of the running event loop: an asyncio future that the
+        owner thread resolves for a whole batch with one ``call_soon_threadsafe``."""
+        loop = asyncio.get_running_loop()
+        job = _QueryJob(query, as_json, loop=loop, waiter=loop.create_future())
+        self._queue.put(job)
+        return job.waiter
 
     def update(self, prepare: Callable[[Served], dict[str, Any]]) -> Future:
         """Future of ``(record, seq, generation)`` once applied and durable."""
@@ -149,24 +200,27 @@ class Engine:
                     self._run_call(job)
             except BaseException as err:  # noqa: BLE001 - the owner thread must never die
                 log.exception("model-owner thread: unexpected error")
+                queries = [j for j in inflight if isinstance(j, _QueryJob)]
+                _answer([(j, None, err) for j in queries if not j.done()])
                 for j in inflight:
-                    if not j.future.done():
+                    if not isinstance(j, _QueryJob) and not j.future.done():
                         j.future.set_exception(err)
 
     def _run_batch(self, batch: list[_QueryJob]) -> None:
         start = time.perf_counter()
         try:
-            results = self.served.run_queries([j.query for j in batch])
+            results = self.served.run_queries([j.query for j in batch], [j.as_json for j in batch])
         except Exception:  # noqa: BLE001 - isolate the failing row: answer the others
             log.exception("batch of %d failed; answering row by row", len(batch))
+            answers: list[tuple[_QueryJob, Any, BaseException | None]] = []
             for j in batch:
                 try:
-                    j.future.set_result(self.served.run_queries([j.query])[0])
+                    answers.append((j, self.served.run_queries([j.query], j.as_json)[0], None))
                 except Exception as err:  # noqa: BLE001
-                    j.future.set_exception(err)
+                    answers.append((j, None, err))
+            _answer(answers)
             return
-        for j, r in zip(batch, results):
-            j.future.set_result(r)
+        _answer([(j, r, None) for j, r in zip(batch, results)])
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - start)
 

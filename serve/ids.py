@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import orjson
+
 __all__ = ["ItemIds"]
 
 
@@ -23,6 +25,9 @@ class ItemIds:
         self.internal: dict[str, int] = {r: i for i, r in enumerate(self.raw)}
         if len(self.internal) != len(self.raw):
             raise ValueError("the artifact's raw item ids are not unique")
+        # internal id -> b'{"id":RAW,"title":TITLE,"score":' (see serve/response.py); an entry is
+        # dropped when assign() changes the item
+        self._heads: dict[int, bytes] = {}
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -57,6 +62,19 @@ class ItemIds:
             self.internal[raw] = internal
         if title is not None:
             self.titles[internal] = title
+        self._heads.pop(internal, None)
+
+    def json_heads(self, internal: Sequence[int]) -> list[bytes]:
+        """The constant JSON head ``{"id":RAW,"title":TITLE,"score":`` of each item (cached)."""
+        heads = self._heads
+        out = []
+        for i in internal:
+            h = heads.get(i)
+            if h is None:
+                h = heads[i] = (b'{"id":' + orjson.dumps(self.raw[i]) + b',"title":'
+                                + orjson.dumps(self.titles[i]) + b',"score":')
+            out.append(h)
+        return out
 
     def copy(self) -> ItemIds:
         return ItemIds(list(self.raw), list(self.titles))

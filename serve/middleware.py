@@ -9,7 +9,9 @@ import orjson
 
 from serve.metrics import Metrics
 
-__all__ = ["BodyLimit", "RequestMetrics"]
+__all__ = ["BodyLimit", "RequestMetrics", "ROUTE_KEY"]
+
+ROUTE_KEY = "silvertorch.route"  # scope key: {"route": template} set by an endpoint (metrics label)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -73,6 +75,9 @@ class RequestMetrics:
 
     def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
+        # (route, method, status) -> (counter child, histogram child): ``labels()`` resolves
+        # and locks per call; the children are stable, so each is looked up once
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,6 +85,10 @@ class RequestMetrics:
             return
         start = time.perf_counter()
         status = 500
+        # an endpoint that the framework's routing does not report back in ``scope["route"]`` (the
+        # scope may be copied on the way down) names its route here: shared by every copy
+        named: dict[str, str] = {}
+        scope[ROUTE_KEY] = named
 
         async def tracking_send(message: dict[str, Any]) -> None:
             nonlocal status
@@ -91,7 +100,14 @@ class RequestMetrics:
             await self.app(scope, receive, tracking_send)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = named.get("route") or getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.requests.labels(path, method, str(status)).inc()
-            self.metrics.latency.labels(path, method).observe(time.perf_counter() - start)
+            key = (path, method, status)
+            children = self._children.get(key)
+            if children is None:
+                children = (self.metrics.requests.labels(path, method, str(status)),
+                            self.metrics.latency.labels(path, method))
+                if len(self._children) < 4096:  # bounded: methods are client-chosen strings
+                    self._children[key] = children
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from serve.ids import ItemIds
+from serve.response import ResponseEncoder
 from serve.snapshot import read_snapshot
 from serve.update_log import UpdateLog
 from silvertorch.catalog import CatalogUpdater
@@ -70,6 +71,8 @@ class Served:
         self.dim = int(self.model.index.ivf.dim)
         self.max_k = min(int(max_k), int(self.model.config.max_k))
         self.k_prime = int(self.model.config.k_prime)
+        self.encoder = ResponseEncoder(self.tasks, self.version)
+        self.user_features: set[str] = set(artifact.user_vocab)  # names a request may send
         elig = self.model.index.eligibility
         self.attribute_names: set[str] = set(elig.schema().names) if elig is not None else set()
         self.dir = state_dir_for(state_root, self.version)
@@ -127,10 +130,10 @@ class Served:
             if not all(math.isfinite(w) for w in weights):
                 raise RequestError(400, f"value_weights: must be finite numbers, got {weights}")
         users = {name: _values(v) for name, v in user.items()}
-        try:
-            encode_user_features(self.artifact, [users])
-        except ValueError as err:
-            raise RequestError(400, f"user: {err}") from None
+        unknown = sorted(set(users) - self.user_features)  # what encoding would refuse, without
+        if unknown:                                       # building a tensor per request
+            raise RequestError(400, f"user: unknown user feature(s) {unknown}; the model knows "
+                                    f"{sorted(self.user_features)}")
         expr = filter if filter and filter.strip() else None
         if expr is not None:
             if self.model.index.eligibility is None:
@@ -142,14 +145,23 @@ class Served:
         return Query(users, int(k), expr, weights, nprobe)
 
     @torch.no_grad()
-    def run_queries(self, queries: Sequence[Query]) -> list[dict[str, Any]]:
+    def run_queries(self, queries: Sequence[Query], as_json: bool | Sequence[bool] = False
+                    ) -> list[Any]:
         """Answer ``queries`` with as few forward passes as possible: one per distinct
         (candidate count, nprobe), each over all the rows that share it. Every answer reads this
-        one generation."""
+        one generation.
+
+        Each answer is a dict (``{"items", "version", "generation", "warnings"}``), or, where
+        ``as_json`` (one flag for all, or one per query) is true, the same answer as JSON bytes
+        (:class:`serve.response.ResponseEncoder`: what the HTTP route sends, without a dict per item).
+        """
+        flags = [bool(as_json)] * len(queries) if isinstance(as_json, bool) else [bool(f) for f in as_json]
+        if len(flags) != len(queries):
+            raise ValueError(f"as_json: expected {len(queries)} flags, got {len(flags)}")
         groups: dict[tuple[int, int | None], list[int]] = {}
         for i, q in enumerate(queries):
             groups.setdefault((max(q.k, self.k_prime), q.nprobe), []).append(i)
-        out: list[dict[str, Any]] = [{} for _ in queries]
+        out: list[Any] = [None] * len(queries)
         generation = self.generation
         for (_, nprobe), rows in groups.items():
             group = [queries[i] for i in rows]
@@ -163,21 +175,27 @@ class Served:
                 default = self.model.value_model.weights.tolist()
                 weights = torch.tensor([q.weights or default for q in group], dtype=torch.float32)
             res = self.model(kjt, kmax, plan, weights, nprobe)
-            ids, scores = res.ids.tolist(), res.scores.tolist()
-            tasks, ann = res.task_scores.tolist(), res.retrieval_scores.tolist()
+            ids = res.ids[:, :kmax].tolist()
+            numbers = None  # (B, kmax, 2 + T) float64, only when some answer is bytes
+            if any(flags[i] for i in rows):
+                numbers = torch.cat([res.scores[:, :kmax, None], res.task_scores[:, :kmax],
+                                     res.retrieval_scores[:, :kmax, None]], dim=2).double().numpy()
+            lists = None  # Python floats, only when some answer is a dict
             for j, (i, q) in enumerate(zip(rows, group)):
-                items = []
-                for r in range(q.k):
-                    item = ids[j][r]
-                    if item < 0:
-                        break
-                    items.append({"id": self.ids.raw[item], "title": self.ids.titles[item],
-                                  "score": scores[j][r],
-                                  "task_scores": dict(zip(self.tasks, tasks[j][r])),
-                                  "retrieval_score": ann[j][r]})
-                warnings = list(plan.warnings[j]) if plan is not None and plan.warnings else []
+                row = ids[j][:q.k]
+                n = next((r for r, item in enumerate(row) if item < 0), len(row))
+                warnings = [str(w) for w in plan.warnings[j]] if plan is not None and plan.warnings else []
+                if flags[i]:
+                    out[i] = self.encoder.encode(self.ids, row[:n], numbers[j, :n], generation, warnings)
+                    continue
+                if lists is None:
+                    lists = (res.scores.tolist(), res.task_scores.tolist(), res.retrieval_scores.tolist())
+                scores, tasks, ann = lists
+                items = [{"id": self.ids.raw[item], "title": self.ids.titles[item],
+                          "score": scores[j][r], "task_scores": dict(zip(self.tasks, tasks[j][r])),
+                          "retrieval_score": ann[j][r]} for r, item in enumerate(row[:n])]
                 out[i] = {"items": items, "version": self.version, "generation": generation,
-                          "warnings": [str(w) for w in warnings]}
+                          "warnings": warnings}
         return out
 
     # ---------------------------------------------------------------------------- updates

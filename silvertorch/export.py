@@ -227,6 +227,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+
+def publish_directory(tmp: Path, out: Path) -> None:
+    """Put the finished directory ``tmp`` (a sibling of ``out``) at ``out`` atomically: fsync it,
+    rename it into place (an existing ``out`` is moved aside first, then removed), fsync the parent.
+    A crash leaves either the old artifact or the new one at ``out``, never a mix."""
+    _fsync_dir(tmp)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "a")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
 def write_artifact(
     out: str | Path,
     model: RetrievalModel,
@@ -350,15 +365,7 @@ def _write(out: Path, model: RetrievalModel, item_tower: ItemTower, config: dict
             "meta": extra_meta or {},
         }
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
-        if out.exists():  # replace: move the old one aside, the new one in, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "a")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        publish_directory(tmp, out)
         bar.update(1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

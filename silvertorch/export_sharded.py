@@ -46,10 +46,10 @@ from silvertorch.export import (
     _check_vocab,
     _feature_rows,
     _file_sha256,
-    _fsync_dir,
     _git_commit,
     _write_file,
     model_config,
+    publish_directory,
     tensor_sha256,
 )
 from silvertorch.index.search import ItemIndex
@@ -276,15 +276,7 @@ def write_sharded_artifact(
             "meta": extra_meta or {},
         }
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "a")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        publish_directory(tmp, out)
         bar.update(1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

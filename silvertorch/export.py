@@ -228,6 +228,39 @@ def _fsync_dir(path: Path) -> None:
 
 
 
+
+def write_catalog_files(tmp: Path, uvocab: Mapping[str, list[str]], ivocab: Mapping[str, list[str]],
+                        item_raw_ids: Sequence[str], item_titles: Sequence[str]) -> None:
+    """The vocabularies (``vocab.json``) and the item ids / titles (``items.json``) into ``tmp``."""
+    _write_file(tmp / VOCAB, json.dumps({"user": uvocab, "item": ivocab}).encode())
+    _write_file(tmp / ITEMS, json.dumps({"raw_ids": [str(x) for x in item_raw_ids],
+                                         "titles": [str(x) for x in item_titles]}).encode())
+
+
+def manifest_head(fmt: str, version: int, tmp: Path, cfg: dict[str, Any],
+                  model: RetrievalModel) -> dict[str, Any]:
+    """The manifest fields every artifact kind shares, computed once the data files are in ``tmp``:
+    format and its version, version id (UTC time + content hash), creation time, code version, config, index
+    summary and ``files`` (sha256 and size of every file written so far)."""
+    files = {p.name: {"sha256": _file_sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(tmp.iterdir()) if p.is_file()}
+    content = hashlib.sha256(json.dumps({"files": files, "config": cfg}, sort_keys=True).encode()).hexdigest()
+    now = _dt.datetime.now(_dt.timezone.utc)
+    ivf = model.index.ivf
+    return {
+        "format": fmt,
+        "format_version": version,
+        "version_id": f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{content[:12]}",
+        "created_utc": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "code": {"silvertorch": silvertorch.__version__, "torch": torch.__version__,
+                 "git_commit": _git_commit()},
+        "config": cfg,
+        "index": {"dtype": str(ivf.vectors.dtype).removeprefix("torch."), "metric": ivf.metric,
+                  "nlist": int(ivf.nlist), "dim": int(ivf.dim), "slots": int(ivf.num_slots),
+                  "num_items": int(model.num_items), "eligibility": model.index.eligibility is not None},
+        "files": files,
+    }
+
 def publish_directory(tmp: Path, out: Path) -> None:
     """Put the finished directory ``tmp`` (a sibling of ``out``) at ``out`` atomically: fsync it,
     rename it into place (an existing ``out`` is moved aside first, then removed), fsync the parent.
@@ -330,37 +363,18 @@ def _write(out: Path, model: RetrievalModel, item_tower: ItemTower, config: dict
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        _write_file(tmp / VOCAB, json.dumps({"user": uvocab, "item": ivocab}).encode())
-        _write_file(tmp / ITEMS, json.dumps({"raw_ids": [str(x) for x in item_raw_ids],
-                                             "titles": [str(x) for x in item_titles]}).encode())
+        write_catalog_files(tmp, uvocab, ivocab, item_raw_ids, item_titles)
         bar.update(1)
         programs: dict[str, Any] = {}
         if export_programs:
             programs = _export_programs(model, tmp)
             bar.update(1)
-        files = {p.name: {"sha256": _file_sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        content = hashlib.sha256(
-            json.dumps({"files": files, "config": cfg}, sort_keys=True).encode()).hexdigest()
-        now = _dt.datetime.now(_dt.timezone.utc)
-        ivf = model.index.ivf
         manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "version_id": f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{content[:12]}",
-            "created_utc": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "code": {"silvertorch": silvertorch.__version__, "torch": torch.__version__,
-                     "git_commit": _git_commit()},
-            "config": cfg,
-            "index": {"dtype": str(ivf.vectors.dtype).removeprefix("torch."), "metric": ivf.metric,
-                      "nlist": int(ivf.nlist), "dim": int(ivf.dim), "slots": int(ivf.num_slots),
-                      "num_items": int(model.num_items),
-                      "eligibility": model.index.eligibility is not None},
+            **manifest_head(FORMAT, FORMAT_VERSION, tmp, cfg, model),
             "pairing_id": pairing,
             "tensors": {n: {"sha256": hashes[n], "shape": list(t.shape),
                             "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()},
             "state_extras": extras,
-            "files": files,
             "programs": programs,
             "meta": extra_meta or {},
         }

@@ -24,7 +24,6 @@ a plan other than the one exported (sha256 and shard counts shown), a corrupt or
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -37,7 +36,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-import silvertorch
 from silvertorch.config import from_dict
 from silvertorch.distributed.sharded_index import ShardAssignment, assign_clusters, shard_index
 from silvertorch.distributed.sharded_retrieval import ShardedRetrievalModel
@@ -46,10 +44,11 @@ from silvertorch.export import (
     _check_vocab,
     _feature_rows,
     _file_sha256,
-    _git_commit,
     _write_file,
+    manifest_head,
     model_config,
     publish_directory,
+    write_catalog_files,
     tensor_sha256,
 )
 from silvertorch.index.search import ItemIndex
@@ -241,27 +240,11 @@ def write_sharded_artifact(
             record(f"{part_name(r)[:-3]}/model", part)
             _save(tmp / part_name(r), {"model": part})
         bar.update(1)
-        _write_file(tmp / VOCAB, json.dumps({"user": uvocab, "item": ivocab}).encode())
-        _write_file(tmp / ITEMS, json.dumps({"raw_ids": [str(x) for x in item_raw_ids],
-                                             "titles": [str(x) for x in item_titles]}).encode())
+        write_catalog_files(tmp, uvocab, ivocab, item_raw_ids, item_titles)
         if pdict is not None:
             _write_file(tmp / PLAN, (json.dumps(pdict, indent=2, sort_keys=True) + "\n").encode())
-        files = {p.name: {"sha256": _file_sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        content = hashlib.sha256(json.dumps({"files": files, "config": cfg}, sort_keys=True).encode()).hexdigest()
-        now = _dt.datetime.now(_dt.timezone.utc)
-        ivf = model.index.ivf
         manifest = {
-            "format": SHARDED_FORMAT,
-            "format_version": FORMAT_VERSION,
-            "version_id": f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{content[:12]}",
-            "created_utc": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "code": {"silvertorch": silvertorch.__version__, "torch": torch.__version__,
-                     "git_commit": _git_commit()},
-            "config": cfg,
-            "index": {"dtype": str(ivf.vectors.dtype).removeprefix("torch."), "metric": ivf.metric,
-                      "nlist": int(ivf.nlist), "dim": int(ivf.dim), "slots": int(ivf.num_slots),
-                      "num_items": int(model.num_items), "eligibility": model.index.eligibility is not None},
+            **manifest_head(SHARDED_FORMAT, FORMAT_VERSION, tmp, cfg, model),
             "shards": shards_n,
             "replicas": replicas,
             "plan_sha256": plan_sha256(pdict) if pdict is not None else None,
@@ -272,7 +255,6 @@ def write_sharded_artifact(
                        "slots": int(s.ivf.num_slots)} for r, s in enumerate(shards)],
             "pairing_id": _pairing(tensors),
             "tensors": tensors,
-            "files": files,
             "meta": extra_meta or {},
         }
         _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -24,7 +24,8 @@ from silvertorch.catalog import CatalogUpdater
 from silvertorch.export import ServingArtifact, encode_item_features, encode_user_features
 from silvertorch.index.expr import FilterSyntaxError, parse
 
-__all__ = ["RequestError", "Query", "Served", "state_dir_for", "ID_FEATURE"]
+__all__ = ["RequestError", "Query", "Served", "state_dir_for", "ID_FEATURE", "upsert_rows",
+           "check_attribute_names"]
 
 # the item tower feature that holds the raw item id (when the tower has one): an upsert by
 # features that omits it gets the item's own raw id (a new id maps to out-of-vocabulary)
@@ -58,6 +59,68 @@ def state_dir_for(root: str | Path, version: str) -> Path:
 
 def _values(raw: Any) -> list[str]:
     return [raw] if isinstance(raw, str) else [str(v) for v in raw]
+
+
+def check_attribute_names(where: str, attrs: dict[str, list[str]], names: set[str]) -> None:
+    """:class:`RequestError` 400 naming ``where`` when ``attrs`` has features the index lacks."""
+    unknown = sorted(set(attrs) - names)
+    if unknown:
+        raise RequestError(400, f"{where}: unknown attribute(s) {unknown}; the index has {sorted(names)}")
+
+
+@torch.no_grad()
+def upsert_rows(items: Sequence[Any], *, dim: int, tower: Any,
+                encode: Callable[[list[dict[str, list[str]]]], Any], ids: ItemIds,
+                attribute_names: set[str]) -> list[dict[str, Any]]:
+    """The checked rows of an upsert record (single-process and sharded servers alike).
+
+    ``items``: ``schemas.ItemUpsert``-like objects, each with exactly one of ``vector`` (``dim``
+    finite numbers) or ``features`` (encoded by ``encode`` and embedded by the item ``tower``).
+    Raises :class:`RequestError` 400 naming the item; nothing is written.
+    """
+    raws = [str(it.id) for it in items]
+    if not raws:
+        raise RequestError(400, "items: at least one item is needed")
+    dup = sorted({r for r in raws if raws.count(r) > 1})
+    if dup:
+        raise RequestError(400, f"items: duplicate id(s) {dup[:5]} in one request")
+    vectors = torch.empty(len(items), dim, dtype=torch.float32)
+    by_features = []
+    for i, it in enumerate(items):
+        if (it.features is None) == (it.vector is None):
+            raise RequestError(400, f"items[{i}]: give exactly one of 'features' or 'vector'")
+        if it.vector is None:
+            by_features.append(i)
+            continue
+        if len(it.vector) != dim:
+            raise RequestError(400, f"items[{i}].vector: expected {dim} numbers, got {len(it.vector)}")
+        if not all(math.isfinite(x) for x in it.vector):
+            raise RequestError(400, f"items[{i}].vector: must be finite (no NaN / inf)")
+        vectors[i] = torch.tensor(it.vector, dtype=torch.float32)
+    if by_features:
+        feats = [{n: _values(v) for n, v in items[i].features.items()} for i in by_features]
+        if ID_FEATURE in tower.feature_names:
+            for i, f in zip(by_features, feats):  # the id embedding of a known item counts
+                f.setdefault(ID_FEATURE, [raws[i]])
+        try:
+            kjt = encode(feats)
+        except ValueError as err:
+            raise RequestError(400, f"items[{by_features[0]}].features: {err}") from None
+        vecs = tower(kjt).float()
+        if not bool(torch.isfinite(vecs).all()):
+            raise RequestError(400, "items: the item tower produced non-finite vectors")
+        vectors[by_features] = vecs
+    internal = ids.peek_new(raws)
+    rows = []
+    for i, it in enumerate(items):
+        attrs = it.attributes
+        if attrs is None and it.features is not None:
+            attrs = {n: _values(v) for n, v in it.features.items() if n in attribute_names}
+        if attrs is not None:
+            check_attribute_names(f"items[{i}].attributes", attrs, attribute_names)
+        rows.append({"raw": raws[i], "id": internal[i], "vector": vectors[i].tolist(),
+                     "attributes": attrs, "title": it.title})
+    return rows
 
 
 class Served:
@@ -206,60 +269,14 @@ class Served:
         return internal
 
     def _check_attributes(self, where: str, attrs: dict[str, list[str]]) -> None:
-        unknown = sorted(set(attrs) - self.attribute_names)
-        if unknown:
-            raise RequestError(400, f"{where}: unknown attribute(s) {unknown}; the index has "
-                                    f"{sorted(self.attribute_names)}")
+        check_attribute_names(where, attrs, self.attribute_names)
 
-    @torch.no_grad()
     def prepare_upsert(self, items: Sequence[Any]) -> dict[str, Any]:
         """Validate a batch upsert (``schemas.ItemUpsert``-like objects) and compute its vectors;
         returns the log record (nothing is written). :class:`RequestError` 400 naming the item."""
-        raws = [str(it.id) for it in items]
-        if not raws:
-            raise RequestError(400, "items: at least one item is needed")
-        dup = sorted({r for r in raws if raws.count(r) > 1})
-        if dup:
-            raise RequestError(400, f"items: duplicate id(s) {dup[:5]} in one request")
-        vectors = torch.empty(len(items), self.dim, dtype=torch.float32)
-        by_features = []
-        for i, it in enumerate(items):
-            if (it.features is None) == (it.vector is None):
-                raise RequestError(400, f"items[{i}]: give exactly one of 'features' or 'vector'")
-            if it.vector is not None:
-                if len(it.vector) != self.dim:
-                    raise RequestError(400, f"items[{i}].vector: expected {self.dim} numbers, "
-                                            f"got {len(it.vector)}")
-                if not all(math.isfinite(x) for x in it.vector):
-                    raise RequestError(400, f"items[{i}].vector: must be finite (no NaN / inf)")
-                vectors[i] = torch.tensor(it.vector, dtype=torch.float32)
-            else:
-                by_features.append(i)
-        if by_features:
-            feats = [{n: _values(v) for n, v in items[i].features.items()} for i in by_features]
-            if ID_FEATURE in self.artifact.item_tower.feature_names:
-                for i, f in zip(by_features, feats):  # the id embedding of a known item counts
-                    f.setdefault(ID_FEATURE, [raws[i]])
-            try:
-                kjt = encode_item_features(self.artifact, feats)
-            except ValueError as err:
-                raise RequestError(400, f"items[{by_features[0]}].features: {err}") from None
-            vecs = self.artifact.item_tower(kjt).float()
-            if not bool(torch.isfinite(vecs).all()):
-                raise RequestError(400, "items: the item tower produced non-finite vectors")
-            vectors[by_features] = vecs
-        if not bool(torch.isfinite(vectors).all()):
-            raise RequestError(400, "items: vectors must be finite (no NaN / inf)")
-        internal = self.ids.peek_new(raws)
-        rows = []
-        for i, it in enumerate(items):
-            attrs = it.attributes
-            if attrs is None and it.features is not None:
-                attrs = {n: _values(v) for n, v in it.features.items() if n in self.attribute_names}
-            if attrs is not None:
-                self._check_attributes(f"items[{i}].attributes", attrs)
-            rows.append({"raw": raws[i], "id": internal[i], "vector": vectors[i].tolist(),
-                         "attributes": attrs, "title": it.title})
+        rows = upsert_rows(items, dim=self.dim, tower=self.artifact.item_tower,
+                           encode=lambda feats: encode_item_features(self.artifact, feats),
+                           ids=self.ids, attribute_names=self.attribute_names)
         return {"op": "upsert", "items": rows}
 
     def prepare_delete(self, raw: str) -> dict[str, Any]:

@@ -65,7 +65,7 @@ from train.dist_optim import (
     fuse_embedding_optimizer,
     table_optimizer_name,
 )
-from train.negatives import UniformNegatives
+from train.negatives import check_batches, uniform_negatives
 
 __all__ = ["DistOptions", "DistTrainer", "DistResult", "train_distributed"]
 
@@ -141,17 +141,10 @@ class DistTrainer:
             item_keys=model.item_tower.feature_names,
             like_threshold=config.data.like_threshold,
         )
-        if len(self.loader) == 0:
-            raise ValueError(
-                f"train.batch_size={loop.batch_size} exceeds the {self.loader.num_examples} "
-                "training interactions: no full batch per epoch"
-            )
-        m = config.model.loss.num_uniform_negatives
-        self.negatives = (
-            UniformNegatives(self.dataset.items.features.features, model.item_tower.feature_names,
-                             m, seed=loop.seed + 1)
-            if m > 0 else None
-        )  # fmt: skip
+        check_batches(self.loader, loop.batch_size)
+        self.negatives = uniform_negatives(self.dataset.items.features.features,
+                                           model.item_tower.feature_names,
+                                           config.model.loss.num_uniform_negatives, loop.seed)
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.table_optimizer = table_optimizer_name(
             config.optim, ctx.device.type, self.options.table_optimizer

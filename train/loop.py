@@ -34,7 +34,7 @@ from train.checkpoint import (
     save_checkpoint,
 )
 from train.config import TrainConfig, config_hash, semantic_config
-from train.negatives import UniformNegatives
+from train.negatives import check_batches, uniform_negatives
 
 __all__ = ["Trainer", "TrainResult", "train"]
 
@@ -78,22 +78,10 @@ class Trainer:
             item_keys=self.model.item_tower.feature_names,
             like_threshold=config.data.like_threshold,
         )
-        if len(self.loader) == 0:
-            raise ValueError(
-                f"train.batch_size={loop.batch_size} exceeds the {self.loader.num_examples} "
-                "training interactions: no full batch per epoch"
-            )
-        m = config.model.loss.num_uniform_negatives
-        self.negatives = (
-            UniformNegatives(
-                self.dataset.items.features.features,
-                self.model.item_tower.feature_names,
-                m,
-                seed=loop.seed + 1,
-            )
-            if m > 0
-            else None
-        )
+        check_batches(self.loader, loop.batch_size)
+        self.negatives = uniform_negatives(self.dataset.items.features.features,
+                                           self.model.item_tower.feature_names,
+                                           config.model.loss.num_uniform_negatives, loop.seed)
         self.step = 0
         self.out_dir = Path(loop.out_dir)
         self._config_flat = semantic_config(config)

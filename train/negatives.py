@@ -9,7 +9,7 @@ from torchrec import KeyedJaggedTensor
 from silvertorch.data.batching import FeatureTable
 from silvertorch.index.attributes import Attribute
 
-__all__ = ["UniformNegatives"]
+__all__ = ["UniformNegatives", "uniform_negatives", "check_batches"]
 
 
 class UniformNegatives:
@@ -25,3 +25,19 @@ class UniformNegatives:
         """``(ids (M,) int64, KJT of their features, batch size M)``."""
         ids = torch.randint(self.table.num_rows, (self.num,), generator=self.generator)
         return ids, self.table.kjt(ids)
+
+
+def uniform_negatives(item_features: dict[str, Attribute], item_keys: list[str], num: int,
+                      seed: int) -> UniformNegatives | None:
+    """The ``model.loss.num_uniform_negatives`` sampler of a training loop (None when ``num`` is 0);
+    seeded ``seed + 1`` so it never shares a stream with the batch order."""
+    return UniformNegatives(item_features, item_keys, num, seed=seed + 1) if num > 0 else None
+
+
+def check_batches(loader: object, batch_size: int) -> None:
+    """``ValueError`` when ``loader`` yields no full batch per epoch (the batch is too large)."""
+    if len(loader) == 0:  # type: ignore[arg-type]
+        raise ValueError(
+            f"train.batch_size={batch_size} exceeds the {loader.num_examples} "  # type: ignore[attr-defined]
+            "training interactions: no full batch per epoch"
+        )

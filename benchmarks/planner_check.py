@@ -45,6 +45,7 @@ from silvertorch.distributed.sharded_index import split_index
 from silvertorch.distributed.sharded_retrieval import (
     ShardedRetrievalModel, merge_candidates, unpack_candidates,
 )
+from silvertorch.distributed.wire import candidate_bytes
 from silvertorch.index.search import ItemIndex, SearchParams
 from silvertorch.planner.model_specs import ModelDescription, describe, model_specs
 from silvertorch.model import RetrievalConfig
@@ -55,6 +56,7 @@ from silvertorch.planner.types import Plan, Topology
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "planner.md"
 BEGIN, END = "<!-- planner_check:begin -->", "<!-- planner_check:end -->"
+NUM_TASKS = 1  # the OverArch tasks of describe_catalog (the all-gather carries one logit each)
 INDEX_TERMS = ("index.vectors", "index.slot_ids", "scores", "eligibility.table", "eligibility.csr")
 
 
@@ -94,7 +96,7 @@ def describe_catalog(cfg: CheckConfig, attributes: dict[str, tuple[int, float]])
     data = {
         "model": {"user_tower": tower("u"), "item_tower": tower("i")},
         "retrieval": {"k_prime": cfg.k, "nprobe": cfg.nprobe, "verify": False,
-                      "overarch": {"tasks": ["t"], "hidden_dims": [8]},
+                      "overarch": {"tasks": ["t"] * NUM_TASKS, "hidden_dims": [8]},
                       "value_model": {"tasks": ["t"], "weights": [1.0]}},
         "joint": {"nlist": cfg.nlist, "index_dtype": "int8"},
         "planner": {"num_items": cfg.num_items, "fresh_fraction": 0.0, "filter_terms": 0,
@@ -155,21 +157,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _ZeroLogits(nn.Module):
+    """Stand-in OverArch of the index-only measurement: ``(query (B, D), items (B, K, D), features)``
+    -> ``(B, K, T)`` zero logits. The scoring compute is out of scope (as in the 1-process figure),
+    but the all-gather carries the real wire format, ``5 + T`` int32 words per candidate."""
+
+    feature_names: list[str] = []
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+
+    def forward(self, query: torch.Tensor, items: torch.Tensor, features: object) -> torch.Tensor:
+        return items.new_zeros((*items.shape[:2], self.num_tasks))
+
+
 def _retrieval_step(index: ItemIndex, global_offsets: torch.Tensor, num_items: int, k: int, nprobe: int,
-                    rank: int, world: int, timeout_s: float) -> Callable[[torch.Tensor], torch.Tensor]:
+                    rank: int, world: int, timeout_s: float,
+                    num_tasks: int = NUM_TASKS) -> Callable[[torch.Tensor], torch.Tensor]:
     """The index part of sharded retrieval on one rank: ``queries (B, D) f32`` -> merged top-``k``
     ids ``(B, k) int64``: this shard's ``silvertorch::ivf_search`` (candidates packed with their
-    vectors), one all-gather over the ranks, the global merge. No towers and no OverArch (the same
-    scope as the 1-process measurement); ``world == 1`` needs no process group."""
+    ``num_tasks`` task logits, here zeros: :class:`_ZeroLogits`), one all-gather over the ranks, the
+    global merge. No towers and no OverArch compute (the same scope as the 1-process measurement);
+    ``world == 1`` needs no process group."""
     cfg = RetrievalConfig(k_prime=k, nprobe=nprobe, max_k=k, verify=False)
-    model = ShardedRetrievalModel(nn.Identity(), index, nn.Identity(), nn.Identity(), None, {}, cfg,
-                                  global_offsets, num_items=num_items, rank=rank, world_size=world,
+    model = ShardedRetrievalModel(nn.Identity(), index, _ZeroLogits(num_tasks), nn.Identity(), None, {},
+                                  cfg, global_offsets, num_items=num_items, rank=rank, world_size=world,
                                   timeout_s=timeout_s)
 
     @torch.no_grad()
     def step(queries: torch.Tensor) -> torch.Tensor:
-        packed = model.local_candidates(queries, k, None, nprobe)  # (B, k, 5 + D) int32
-        everyone = model.all_gather(packed)  # (R, B, k, 5 + D)
+        packed = model.local_candidates(queries, k, None, nprobe)  # (B, k, 5 + T) int32
+        everyone = model.all_gather(packed)  # (R, B, k, 5 + T)
         return merge_candidates(*unpack_candidates(everyone), k)[1]
 
     step.model = model  # type: ignore[attr-defined]  # for timing the all-gather alone
@@ -414,8 +433,7 @@ def run(quick: bool = True, out_dir: str | Path = "runs/planner_check", log=prin
         "predicted_chosen": predicted_index(plan2, desc, two, two.max_batch),
         "predicted": predicted_for_shards(desc, two, 2, two.max_batch),
     }
-    two_entry["merge_ms_wire_format"] = (two.collective_intra_us + two.max_batch * 2 * cfg.k * 4
-                                         * (5 + cfg.dim) / (two.intra_host_gbps * 1e9) * 1e6) / 1e3
+    two_entry["wire_bytes_per_candidate"] = candidate_bytes(NUM_TASKS)
     two_entry["predicted_chosen"]["throughput_qps_all_replicas"] = \
         plan2.replicas * two_entry["predicted_chosen"]["throughput_qps"]
     if two_process:
@@ -531,10 +549,10 @@ def render_markdown(r: dict, quick: bool) -> str:
                  f"{pm(t1['throughput_spread'])} (ratio to the cpu_1 estimate: "
                  f"{t1['batch_latency_ms'] / p['batch_latency_ms']:.2f} for latency).")
     if m2:
-        text += (f" Items per shard: {', '.join(f'{n:,}' for n in m2['items_per_shard'])}. With the "
-                 f"all-gather's real wire format ({4 * (5 + c['dim'])} bytes per candidate: score, id, "
-                 f"global slot, f32 vector; the cost model counts 12) the planner's merge term would be "
-                 f"{two['merge_ms_wire_format']:.2f} ms.")
+        text += (f" Items per shard: {', '.join(f'{n:,}' for n in m2['items_per_shard'])}. The "
+                 f"all-gather carries {two['wire_bytes_per_candidate']} bytes per candidate (score, id, "
+                 f"global slot, {NUM_TASKS} task logit; no vector), the count the cost model's merge term "
+                 f"uses (`silvertorch.distributed.wire.candidate_bytes`).")
     pc = two["predicted_chosen"]
     rep = two.get("measured_replicas") if isinstance(two.get("measured_replicas"), dict) else None
     text += (f"\n\nOn `cpu_2proc` the planner itself picks step {two['predicted_step']} "

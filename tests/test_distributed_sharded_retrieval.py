@@ -29,7 +29,8 @@ from silvertorch.distributed.sharded_index import (
     assign_clusters, gather_index, local_to_global_slots, shard_index, split_index,
 )
 from silvertorch.distributed.sharded_retrieval import (
-    ShardedRetrievalModel, ShardPeerError, merge_candidates, pack_candidates, unpack_candidates,
+    ShardedRetrievalModel, ShardPeerError, combine_owned, merge_candidates, pack_candidates,
+    unpack_candidates,
 )
 from silvertorch.data.batching import features_to_kjt
 from silvertorch.index import ItemIndex, SearchParams
@@ -89,13 +90,18 @@ def assert_same_output(got: Any, want: Any, what: str = "") -> None:
 
 def simulated(models: list[ShardedRetrievalModel], kjt: Any, k: int, filters: Any = None,
               weights: torch.Tensor | None = None) -> Any:
-    """What R ranks compute, in one process: each shard's candidates, the merge, the tail."""
+    """What R ranks compute, in one process: each shard's scored candidates, the merge, the tail
+    (the reranker's vectors fetched from their owners as the all-reduce would)."""
     q = models[0].user_tower(kjt)
     k_cand = max(k, models[0].config.k_prime)
     packed = torch.stack([m.local_candidates(q, k_cand, m.compile_filters(filters, q.shape[0]), None)
                           for m in models])
     merged = merge_candidates(*unpack_candidates(packed), k_cand)
-    return models[0].score_merged(q, *merged, k, weights)
+
+    def fetch(ids: torch.Tensor) -> torch.Tensor:
+        return combine_owned(torch.stack([m.owned_vectors(ids) for m in models]))
+
+    return models[0].score_merged(q, *merged, k, weights, fetch=fetch)
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +194,47 @@ def test_pack_unpack_is_bit_exact_and_merge_breaks_ties_by_global_slot() -> None
     assert top_i.tolist() == [[11, 12, 10, 13, -1, -1, -1]]
     assert top_s[0, :4].tolist() == [1.0, 1.0, 1.0, 0.5] and bool((top_s[0, 4:] == float("-inf")).all())
     assert top_v[0, :, 0].tolist() == [1.0, 3.0, 0.0, 4.0, 0.0, 0.0, 0.0]
+
+
+def test_wire_carries_scores_ids_and_task_logits_not_vectors(updated: RetrievalModel) -> None:
+    """What one rank all-gathers is ``wire.candidate_words(T)`` int32 words per candidate (no
+    vector); the reranker's vectors come whole and bit-exact from their owners, and only the
+    reranker asks for them."""
+    from silvertorch.distributed.wire import candidate_bytes, candidate_words
+
+    model = updated
+    T = model.value_model.num_tasks
+    shards, a = split_index(model.index, 3)
+    sharded = [ShardedRetrievalModel.from_model(model, s, a, rank=r).eval() for r, s in enumerate(shards)]
+    q = torch.randn(4, DIM, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        packed = sharded[0].local_candidates(q, 40, None, None)
+        assert packed.dtype == torch.int32 and packed.shape == (4, 40, candidate_words(T))
+        assert packed[0, 0].numel() * packed.element_size() == candidate_bytes(T) < 4 * DIM
+        scores, ids, _, logits = unpack_candidates(packed)
+        ok = ids >= 0
+        want = model.score_candidates(q, model.candidate_vectors(ids), ids)  # (B, K', T)
+        assert torch.equal(logits[ok], want[ok])  # this shard's OverArch on its own candidates
+        # every live item's vector is owned by exactly one shard; combining gives the exact bits
+        every = model.index.ivf.slot_ids[model.index.ivf.slot_ids >= 0].reshape(1, -1)
+        every = torch.cat([every, torch.tensor([[-1]])], dim=1)
+        parts = torch.stack([m.owned_vectors(every) for m in sharded])  # (R, 1, N, D)
+        nonzero = (parts != 0).any(-1)  # (R, 1, N)
+        assert bool((nonzero.sum(0)[:, :-1] <= 1).all()) and not bool(nonzero[..., -1].any())
+        assert torch.equal(combine_owned(parts), model.candidate_vectors(every))
+    signed = torch.tensor([[-0.0, 1.5], [0.0, 0.0]])  # -0.0 survives (a float sum would lose it)
+    assert torch.equal(combine_owned(signed).view(torch.int32), signed[0].view(torch.int32))
+    # without a reranker the tail never fetches a vector
+    plain = copy.copy(sharded[0])
+    plain.reranker = None
+    merged = merge_candidates(*unpack_candidates(packed.unsqueeze(0)), 40)
+
+    def no_fetch(ids: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("fetched vectors without a reranker")
+
+    with torch.no_grad():
+        out = plain.score_merged(q, *merged, 10, None, fetch=no_fetch)
+    assert out.ids.shape == (4, 10)
 
 
 @pytest.mark.parametrize("which", ["base", "updated"])

@@ -165,3 +165,37 @@ def test_json_round_trip_and_check() -> None:
         again.check(model_specs(small_model(items=2 * ITEMS)), world_size=8)
     with pytest.raises(PlanMismatchError, match="not a SilverTorch plan"):
         Plan.from_json('{"step": 1}')
+
+
+def test_merge_and_candidate_terms_follow_what_the_sharded_model_sends() -> None:
+    """The merge term counts `wire.candidate_bytes(T)` per candidate from each other shard (plus the
+    reranker's vector fetch), and each shard reads its own K' candidates' vectors in full."""
+    from silvertorch.distributed.wire import candidate_bytes, fetch_bytes
+    from silvertorch.planner.model_specs import DTYPE_BYTES
+
+    desc = small_model()
+    t = topo(devices=8, device_gib=0.05, host_gib=0.1)
+    plan = plan_model(desc, t)
+    assert plan.shards == 8
+    kp, link = desc.retrieval.k_prime, t.intra_host_gbps * 1e9
+    est = plan.estimates
+    want = (8 - 1) * kp * candidate_bytes(1) / link * 1e6
+    assert est["per_query_us"]["merge"] == pytest.approx(want, rel=1e-5)
+    assert est["per_batch_us"]["merge"] == pytest.approx(t.collective_intra_us, rel=1e-5)
+    frac = desc.nprobe / desc.nlist
+    b = DTYPE_BYTES[desc.index_dtype]
+    vectors = frac * desc.num_slots * (desc.dim * b + 4) / 8 + kp * desc.dim * b
+    assert est["per_query_us"]["index.vectors"] == pytest.approx(vectors / (t.device_bandwidth_gbps * 1e9) * 1e6,
+                                                                 rel=1e-5)
+    # a reranker adds one all-reduce of the top-n winners' vectors (ring: 2 (s-1)/s of the block)
+    desc.retrieval.reranker.enabled = True
+    desc.retrieval.reranker.top_n = 30
+    from silvertorch.modules.reranker import Reranker
+
+    real = Reranker(desc.retrieval.reranker, desc.dim, len(desc.retrieval.overarch.tasks))
+    specs = {sp.name: sp.bytes for sp in model_specs(desc)}
+    assert specs["reranker"] == 4 * sum(p.numel() for p in real.parameters())
+    est = plan_model(desc, t).estimates
+    want += 2 * 7 / 8 * 30 * fetch_bytes(desc.dim) / link * 1e6
+    assert est["per_query_us"]["merge"] == pytest.approx(want, rel=1e-5)
+    assert est["per_batch_us"]["merge"] == pytest.approx(2 * t.collective_intra_us, rel=1e-5)

@@ -4,20 +4,26 @@ Model (``docs/planner.md`` has it with the numbers): retrieval is memory-bound, 
 query is the bytes it reads, each divided by the bandwidth of the tier it lives in, plus the dense
 math at the device's rate, plus (when items are sharded) the merge of the per-shard top-K'.
 
-- scan:    ``(nprobe / nlist * slots * (dim * bytes(dtype) + 4) + k' * dim * bytes(dtype)) / shards``
-  (vectors + scales, and the winners' vectors the OverArch gathers)
+- scan:    ``nprobe / nlist * slots * (dim * bytes(dtype) + 4) / shards + k' * dim * bytes(dtype)``
+  (vectors + scales of the probed share, and the K' candidates' vectors the OverArch gathers: every
+  shard selects, gathers and scores its own top-K', so that part does not shrink with shards)
 - scores:  ``nprobe / nlist * slots / shards * 8``  (write + read of one f32 score, top-K' select)
 - filter:  ``nprobe / nlist * words / shards * 8 * rows_read``  (probe-then-filter; a bitmap term
   reads 1 row, a Bloom term ``bloom_hashes`` rows)
-- ids / verify: ``(k' * 8 + nprobe / nlist * words * 8) / shards``, ``k' * features * (8 + 8 *
-  values/item) / shards`` CSR reads when verifying
+- ids / verify: ``k' * 8 + nprobe / nlist * words * 8 / shards``, ``k' * features * (8 + 8 *
+  values/item)`` CSR reads when verifying (per shard, like the K' gather)
 - centroids and every dense weight: read once per *batch* (a GEMM over the batch)
-- math:    ``2 * nlist * dim`` (probe) ``+ 2 * probed slots * dim`` (scan) ``+ 2 * params`` per
-  tower row ``+ 2 * k' * params(OverArch)``, at ``device_tflops``
+- math:    ``2 * nlist * dim`` (probe) ``+ 2 * probed slots * dim / shards`` (scan) ``+ 2 * params``
+  per tower row ``+ 2 * k' * params(OverArch)`` (each shard scores its own K') ``+ 2 * top_n *
+  params(reranker)``, at ``device_tflops``
 - tables:  ``pooling * dim * 4`` per feature at TorchRec's kernel bandwidth (``kernel_bw_lookup``:
   HBM, UVM-cached or UVM), plus the pooled vector over the link when the table spans ranks
-- merge:   one all-gather per batch: ``collective latency + B * shards * k' * 12 / link``
-  (score f32 + id int64 per candidate; NVLink inside a host, the NIC across hosts)
+- merge:   the bytes :class:`~silvertorch.distributed.sharded_retrieval.ShardedRetrievalModel`
+  sends, from :mod:`silvertorch.distributed.wire`: one all-gather per batch, ``collective latency
+  + B * (shards - 1) * k' * candidate_bytes(T) / link`` (``4 * (5 + T)`` B per candidate: score,
+  id, global slot, T task logits; no vectors), and with a reranker one all-reduce of the top-n
+  vectors, ``collective latency + B * 2 * (shards - 1) / shards * n * 4 * dim / link`` (ring);
+  NVLink inside a host, the NIC across hosts
 
 A batch of ``B`` queries takes ``T(B) = overhead + per_batch + B * per_query``; the planner picks the
 largest power-of-two ``B <= max_batch`` with ``T(B) <= latency budget``; a group of shards then
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from silvertorch.distributed.wire import candidate_bytes, fetch_bytes
 from silvertorch.planner.model_specs import DTYPE_BYTES, ModelDescription
 from silvertorch.planner.types import Estimate, Estimator, Partition, TensorSpec, Topology
 
@@ -65,16 +72,15 @@ class CostModel(Estimator):
                            for a in desc.attributes) / len(desc.attributes)
         else:
             per_term = 0.0
-        n_feat = len(desc.attributes)
-        vals = sum(a.values_per_item for a in desc.attributes)
         oa = desc.retrieval.overarch
         cards_vals = {a.name: a.values_per_item for a in desc.attributes}
+        cand = self.candidate_bytes_per_query(desc)  # the K'-proportional reads
         per_query = {
             "index.vectors": frac * desc.num_slots * (d * DTYPE_BYTES[desc.index_dtype] + 4)
-            + kp * d * DTYPE_BYTES[desc.index_dtype],
-            "index.slot_ids": kp * 8 + frac * desc.num_words * 8,
+            + cand["index.vectors"],
+            "index.slot_ids": cand["index.slot_ids"] + frac * desc.num_words * 8,
             "eligibility.table": frac * desc.num_words * 8 * desc.filter_terms * per_term,
-            "eligibility.csr": (kp * (n_feat * 8 + vals * 8)) if desc.retrieval.verify else 0.0,
+            "eligibility.csr": cand["eligibility.csr"],
             "eligibility.csc": 0.0,
             "overarch.embeddings": kp * sum(cards_vals[f] for f in oa.item_features)
             * oa.feature_embedding_dim * 4,
@@ -99,6 +105,35 @@ class CostModel(Estimator):
                 out.append(s)
         return out
 
+    @staticmethod
+    def candidate_bytes_per_query(desc: ModelDescription) -> dict[str, float]:
+        """The part of each spec's ``bytes_per_query`` that scales with ``k'`` (not with the probed
+        slots): every shard reads it in full for its own top-``K'``, so it does not divide by shards."""
+        kp = desc.retrieval.k_prime
+        n_feat = len(desc.attributes)
+        vals = sum(a.values_per_item for a in desc.attributes)
+        return {
+            "index.vectors": kp * desc.dim * DTYPE_BYTES[desc.index_dtype],
+            "index.slot_ids": kp * 8,
+            "eligibility.csr": (kp * (n_feat * 8 + vals * 8)) if desc.retrieval.verify else 0.0,
+        }
+
+    @staticmethod
+    def merge_seconds(desc: ModelDescription, shards: int, link_bw: float, coll_s: float
+                      ) -> tuple[float, float]:
+        """(per query, per batch) seconds of the sharded merge over a ``link_bw`` B/s link with
+        ``coll_s`` latency per collective: the candidates' all-gather, plus the rerank fetch when a
+        reranker is enabled. Bytes from :mod:`silvertorch.distributed.wire` (what the code sends)."""
+        kp = desc.retrieval.k_prime
+        per_query = (shards - 1) * kp * candidate_bytes(len(desc.retrieval.overarch.tasks)) / link_bw
+        per_batch = coll_s
+        rr = desc.retrieval.reranker
+        if rr.enabled:
+            n = min(rr.top_n, kp)
+            per_query += 2.0 * (shards - 1) / shards * n * fetch_bytes(desc.dim) / link_bw
+            per_batch += coll_s
+        return per_query, per_batch
+
     def flops_per_query(self, specs: list[TensorSpec], desc: ModelDescription, shards: int) -> float:
         by_name = {s.name: s for s in specs}
         frac = min(1.0, desc.nprobe / desc.nlist)
@@ -121,6 +156,7 @@ class CostModel(Estimator):
         link_bw = (topology.inter_host_gbps if spans_hosts else topology.intra_host_gbps) * 1e9
         coll = (topology.collective_inter_us if spans_hosts else topology.collective_intra_us) * 1e-6
         frac = min(1.0, desc.nprobe / desc.nlist)
+        per_shard = self.candidate_bytes_per_query(desc)
         for s in specs:
             tier = tiers.get(s.name, "device")
             if s.bytes_per_query <= 0:
@@ -131,7 +167,8 @@ class CostModel(Estimator):
                 if partition.table_ranks.get(s.name, 1) > 1:  # pooled vector crosses the link
                     per_query[s.name] += s.bytes_per_query / link_bw
                 continue
-            share = s.bytes_per_query / shards if s.shardable else s.bytes_per_query
+            whole = per_shard.get(s.name, 0.0)  # read in full by every shard (its own K')
+            share = (s.bytes_per_query - whole) / shards + whole if s.shardable else s.bytes_per_query
             seconds = share / topology.bandwidth(tier)
             if s.per_batch:
                 per_batch[s.name] = seconds
@@ -142,8 +179,9 @@ class CostModel(Estimator):
         per_query["scores"] = frac * desc.num_slots / shards * 8 / topology.bandwidth("device")
         per_query["math"] = self.flops_per_query(specs, desc, shards) / (topology.device_tflops * 1e12)
         if shards > 1:
-            per_batch["merge"] = coll
-            per_query["merge"] = shards * desc.retrieval.k_prime * 12 / link_bw
+            merge_s, merge_batch_s = self.merge_seconds(desc, shards, link_bw, coll)
+            per_batch["merge"] = merge_batch_s
+            per_query["merge"] = merge_s
         q = sum(per_query.values())
         fixed = sum(per_batch.values())
 

@@ -306,9 +306,10 @@ def _dense_param_bytes(desc: ModelDescription, towers: nn.Module) -> dict[str, i
     rr = desc.retrieval.reranker
     if rr.enabled:
         h = rr.hidden_dim
-        # input projection, attention (q, k, v, out), a 2-layer feed-forward and the head
-        out["reranker"] = (_mlp_params([d + len(oa.tasks) + 1, h]) + 4 * (h * h + h)
-                           + _mlp_params([h, 4 * h, h]) + _mlp_params([h, 1])) * 4
+        # silvertorch.modules.reranker.Reranker: the token projection of [e, q * e, logits,
+        # composite], attention (q, k, v, out), the layer norm and the 2-layer head
+        out["reranker"] = (_mlp_params([2 * d + len(oa.tasks) + 1, h]) + 4 * (h * h + h) + 2 * h
+                           + _mlp_params([h, h, 1])) * 4
     return out
 
 

@@ -36,6 +36,7 @@ def serve(
     max_restarts: int = 0,
     port_file: Optional[str] = None,
     state_dir: str = "runs/serve_state",
+    compaction_threshold: int = 0,
     image: str = "silvertorch:latest",
     cpu: int = 2,
     gpu: int = 0,
@@ -57,7 +58,9 @@ def serve(
         max_batch_size / max_wait_ms: micro-batching of the leader.
         max_restarts: torchelastic restarts of the worker group.
         port_file: the leader writes its bound port there (useful with ``port=0``).
-        state_dir: the leader's durable item-update log (replayed at restart).
+        state_dir: the leader's durable item-update log and every rank's snapshots (replayed at restart).
+        compaction_threshold: compact every shard once this many new items or log records came
+            since the last snapshot (0 = only on ``POST /v1/admin/compact``).
         image, cpu, gpu, memMB, env, rdzv_port, python: as ``launch/components.py:train``.
     """
     if nnodes < 1 or nproc_per_node < 1:
@@ -74,7 +77,7 @@ def serve(
         "-m", ENTRY_MODULE, artifact, "--device", device, "--host", host, "--port", str(port),
         "--timeout-s", str(timeout_s), "--heartbeat-s", str(heartbeat_s),
         "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
-        "--state-dir", state_dir,
+        "--state-dir", state_dir, "--compaction-threshold", str(compaction_threshold),
     ]  # fmt: skip
     if plan:
         args += ["--plan", plan]

@@ -18,6 +18,12 @@ Item updates (CPU ranks): every rank builds the replicated owner map (one all-ga
 (``STATE_DIR/<artifact version>/log.jsonl``, one sub-directory ``replica-g`` per replica when the
 world runs several) and replays it to every rank before it listens.
 
+Compaction and hot swap (``serve/sharded/admin.py``): every rank keeps its shard's snapshots under
+the same state directory; at start-up the leader reads the committed snapshot seq and broadcasts it,
+every rank loads its snapshot of that seq, then the log records after it are replayed. The
+followers run ``compact`` / ``swap_prepare`` / ``swap_commit`` / ``swap_abort`` messages between
+batches, as the leader does.
+
 Exit codes: 0 normal stop, 1 a dead peer / unusable artifact, 2 bad flags.
 """
 
@@ -51,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", default="runs/serve_state",
                         help="the leader's durable update log (per artifact version)")
     parser.add_argument("--max-upsert-batch", type=int, default=1000, help="most items in one PUT /v1/items")
+    parser.add_argument("--compaction-threshold", type=int, default=0,
+                        help="compact every shard once this many new items or log records came since the "
+                             "last snapshot (0 = only on POST /v1/admin/compact)")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -73,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from silvertorch.export import ArtifactError
     from silvertorch.export_sharded import load_sharded_part, read_sharded_manifest, world_layout
 
-    if args.timeout_s <= 0 or args.heartbeat_s <= 0 or args.max_batch_size < 1:
-        print("error: --timeout-s, --heartbeat-s must be > 0 and --max-batch-size >= 1", file=sys.stderr)
+    if args.timeout_s <= 0 or args.heartbeat_s <= 0 or args.max_batch_size < 1 or args.compaction_threshold < 0:
+        print("error: --timeout-s, --heartbeat-s must be > 0, --max-batch-size >= 1 and "
+              "--compaction-threshold >= 0", file=sys.stderr)
         return 2
     try:
         rank, world, _ = env_world()
@@ -94,10 +104,38 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: rank {rank}: refusing to serve {args.artifact}: {err}", file=sys.stderr)
         return 1
     part.model.to(ctx.device)
+    from serve.served import state_dir_for
+    from serve.update_log import LogError
     from silvertorch.distributed.sharded_retrieval import ShardPeerError
 
-    from .fanout import Fanout
+    from . import admin
+    from .fanout import Fanout, FanoutError
     from .leader import execute
+
+    fanout = None if shards == 1 else Fanout(rank=rank, leader=replica * shards, group=control[replica],
+                                              timeout_s=args.timeout_s)
+    cpu = ctx.device.type == "cpu"  # streaming updates (and so snapshots) run on CPU shards
+    root = (Path(args.state_dir) if world // shards == 1 else Path(args.state_dir) / f"replica-{replica}")
+    rs = admin.RankState(part, None, 0, state_dir_for(root, part.version) if cpu else None)
+    try:  # the committed snapshot set: the leader reads it, every rank loads its own file
+        if rank % shards == 0:
+            try:
+                seq = admin.read_commit(rs.state_dir)
+            except LogError as err:
+                if fanout is not None:
+                    fanout.send({"op": "snapshot", "error": str(err)})
+                raise
+            if fanout is not None:
+                fanout.send({"op": "snapshot", "seq": seq})
+        else:
+            msg = fanout.recv(args.heartbeat_s + args.timeout_s)
+            if msg.get("op") != "snapshot" or "error" in msg:
+                raise LogError(f"the leader could not read its snapshot commit file: {msg.get('error')}")
+            seq = msg.get("seq")
+        admin.load_snapshot(rs, seq)
+    except (LogError, FanoutError) as err:
+        print(f"error: rank {rank}: refusing to serve {args.artifact}: {err}", file=sys.stderr, flush=True)
+        return 1
 
     try:  # warm-up, the same on every rank: the first forward loads the compiled search kernels,
         # which can take long on a busy host; the leader listens (is ready) only after it
@@ -105,40 +143,29 @@ def run(args: argparse.Namespace) -> int:
     except ShardPeerError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    catalog = None
-    if ctx.device.type == "cpu":  # streaming updates run on CPU shards (as the unsharded updater)
+    if cpu:
         try:
-            catalog = _catalog(part)
+            rs.catalog = admin.build_catalog(part)
         except ShardPeerError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             return 1
-    fanout = None if shards == 1 else Fanout(rank=rank, leader=replica * shards, group=control[replica],
-                                              timeout_s=args.timeout_s)
+    env = {"rank": rank, "world_size": world, "group": groups[replica], "timeout_s": args.timeout_s,
+           "state_root": root if cpu else None}
     if rank % shards == 0:
-        return _lead(args, part, fanout, replica, catalog, world // shards)
-    return _follow(args, part, fanout, catalog)
+        return _lead(args, rs, fanout, replica, world // shards, env)
+    return _follow(args, rs, fanout, env)
 
 
-def _catalog(part: Any) -> Any:
-    """This rank's :class:`ShardCatalog` (a collective: every rank of the replica calls it)."""
-    from .catalog import ShardCatalog
-
-    a = part.manifest["assignment"]
-    fresh_owner = int(a["fresh_owner"])
-    if fresh_owner < 0:  # no fresh region yet: the least-loaded shard receives new items, ties
-        # to the highest rank (shard 0 already carries the HTTP front, the log and the item tower)
-        load = list(a["items_per_shard"])
-        fresh_owner = min(range(len(load)), key=lambda r: (load[r], -r))
-    return ShardCatalog.gather(part.model, fresh_owner)
-
-
-def _follow(args: argparse.Namespace, part: Any, fanout: Any, catalog: Any) -> int:
+def _follow(args: argparse.Namespace, rs: Any, fanout: Any, env: dict[str, Any]) -> int:
     from silvertorch.distributed.sharded_retrieval import ShardPeerError
 
+    from . import admin
     from .fanout import FanoutError
     from .leader import execute
 
+    staged = None  # a hot swap's new state between swap_prepare and swap_commit / swap_abort
     while True:
+        part, catalog = rs.part, rs.catalog
         try:
             msg = fanout.recv(args.heartbeat_s + args.timeout_s)
         except FanoutError as err:
@@ -149,7 +176,7 @@ def _follow(args: argparse.Namespace, part: Any, fanout: Any, catalog: Any) -> i
             return 0
         if op == "update":
             try:
-                catalog.apply(msg["record"])
+                (staged.catalog if msg.get("staged") else catalog).apply(msg["record"])
             except Exception as err:  # noqa: BLE001 - the leader checked it: this rank would diverge
                 print(f"error: rank {part.shard}: update {msg['record'].get('op')} refused after the "
                       f"leader accepted it ({type(err).__name__}: {err}); stopping so all ranks restart",
@@ -157,6 +184,29 @@ def _follow(args: argparse.Namespace, part: Any, fanout: Any, catalog: Any) -> i
                 return 1
             continue
         if op != "retrieve":
+            try:
+                if op == "compact":
+                    seq = int(msg["seq"])
+                    new, reason = admin.compact_shard(rs, seq)
+                    admin.finish_compaction(rs, new, admin.vote(part.model, new is not None, reason), seq)
+                elif op == "swap_prepare":
+                    staged, reason = admin.load_staged(rs, msg, **env)
+                    votes = admin.vote(part.model, staged is not None, reason)
+                    if staged is None or not all(ok for ok, _ in votes):
+                        staged = None
+                    elif catalog is not None:
+                        staged.catalog = admin.build_catalog(staged.part)
+                elif op == "swap_commit" and staged is not None:
+                    rs, staged = staged, None
+                elif op == "swap_abort":
+                    staged = None
+            except ShardPeerError as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return 1
+            except Exception as err:  # noqa: BLE001 - voted already: this rank would diverge
+                print(f"error: rank {part.shard}: {op} failed after the vote ({type(err).__name__}: "
+                      f"{err}); stopping so all ranks restart", file=sys.stderr, flush=True)
+                return 1
             continue
         try:
             execute(part, msg)
@@ -167,7 +217,7 @@ def _follow(args: argparse.Namespace, part: Any, fanout: Any, catalog: Any) -> i
             log.warning("batch refused on this rank too: %s", err)
 
 
-def _lead(args: argparse.Namespace, part: Any, fanout: Any, replica: int, catalog: Any, replicas: int) -> int:
+def _lead(args: argparse.Namespace, rs: Any, fanout: Any, replica: int, replicas: int, env: dict[str, Any]) -> int:
     import uvicorn
 
     from serve.metrics import Metrics
@@ -181,11 +231,13 @@ def _lead(args: argparse.Namespace, part: Any, fanout: Any, replica: int, catalo
 
     from .fanout import FanoutError
 
-    state = Path(args.state_dir) if replicas == 1 else Path(args.state_dir) / f"replica-{replica}"
+    part = rs.part
     try:
         leader = Leader(part, fanout, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                        max_k=args.max_k, heartbeat_s=args.heartbeat_s, metrics=metrics, catalog=catalog,
-                        state_dir=state if catalog is not None else None)
+                        max_k=args.max_k, heartbeat_s=args.heartbeat_s, metrics=metrics, catalog=rs.catalog,
+                        state_dir=env["state_root"], rank_state=rs, world_size=env["world_size"],
+                        rank=env["rank"], group=env["group"], timeout_s=env["timeout_s"],
+                        compaction_threshold=args.compaction_threshold)
         leader.replay()
     except (LogError, FanoutError, ValueError, KeyError) as err:
         print(f"error: refusing to serve {args.artifact}: {err}", file=sys.stderr, flush=True)
@@ -203,7 +255,8 @@ def _lead(args: argparse.Namespace, part: Any, fanout: Any, replica: int, catalo
                                            **_loop_and_http()))
     shards = part.manifest["shards"]
     line = {"listening": f"http://{args.host}:{port}", "port": port, "rank": replica * shards,
-            "shards": shards, "replica": replica, "version": part.version, "replayed": leader.replayed}
+            "shards": shards, "replica": replica, "version": part.version, "replayed": leader.replayed,
+            "snapshot_seq": rs.snapshot_seq}
     print(json.dumps(line), flush=True)
     if args.port_file:
         target = Path(args.port_file if replica == 0 else f"{args.port_file}.{replica}")

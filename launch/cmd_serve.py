@@ -61,7 +61,8 @@ def worker_argv(args: argparse.Namespace, cfg: Any) -> list[str]:
             "--timeout-s", str(args.timeout_s), "--heartbeat-s", str(args.heartbeat_s),
             "--max-batch-size", str(cfg.max_batch_size), "--max-wait-ms", str(cfg.max_wait_ms),
             "--max-k", str(cfg.max_k), "--max-upsert-batch", str(cfg.max_upsert_batch),
-            "--state-dir", str(cfg.state_dir), "--log-level", args.log_level]
+            "--state-dir", str(cfg.state_dir), "--log-level", args.log_level,
+            "--compaction-threshold", str(cfg.compaction_threshold)]
     if args.plan:
         argv += ["--plan", str(args.plan)]
     if args.port_file:

@@ -148,6 +148,9 @@ class Served:
             self.snapshot_seq = int(snap["seq"])
         self.updater = CatalogUpdater(self.model)
         self.log = UpdateLog(self.dir / "log.jsonl", self.version)
+        # a compaction that emptied the log leaves no record to count from: new records must get
+        # seqs after the snapshot's, or the next restart would skip them as already applied
+        self.log.last_seq = max(self.log.last_seq, self.snapshot_seq)
         replay = [r for r in self.log.replayed if int(r["seq"]) > self.snapshot_seq]
         for record in replay:
             self.apply_record(record)

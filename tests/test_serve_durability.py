@@ -69,6 +69,35 @@ def test_kill_9_and_restart_restores_every_acknowledged_update(tmp_path: Path) -
         again.stop()
 
 
+def test_updates_after_a_restart_on_an_emptied_log_survive_the_next_restart(tmp_path: Path) -> None:
+    """Compaction empties the log; a restart then has no record to count seqs from. New records
+    must still be numbered after the snapshot, or the restart after would skip them."""
+    art = movielens_artifact(0)
+    server = ServerProcess(art, tmp_path / "state", "compaction_threshold=0").start()
+    try:
+        for i in range(3):
+            assert server.request("PUT", "/v1/items", json={"items": [
+                {"id": f"e-{i}", "vector": _vec(i), "attributes": {"item_id": ["9"]}}]}).status_code == 200
+        assert server.request("POST", "/v1/admin/compact").status_code == 200
+        while info(server)["compacting"]:
+            time.sleep(0.05)
+    finally:
+        server.stop()
+    second = ServerProcess(art, tmp_path / "state").start()
+    try:
+        assert second.request("PUT", "/v1/items", json={"items": [
+            {"id": "e-new", "vector": _vec(7), "attributes": {"item_id": ["9"]}}]}).status_code == 200
+        assert second.request("DELETE", "/v1/items/e-0").status_code == 200
+    finally:
+        second.kill()
+    third = ServerProcess(art, tmp_path / "state").start()
+    try:
+        ids = set(item_ids(third.retrieve(k=50, nprobe=ALL, filter="item_id:9")))
+    finally:
+        third.stop()
+    assert {"e-new", "e-1", "e-2"} <= ids and "e-0" not in ids
+
+
 def test_log_of_another_artifact_and_corrupt_logs_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     log = UpdateLog(path, "version-A")

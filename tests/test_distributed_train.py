@@ -17,6 +17,7 @@ steps (measured while building this: 0.3 at step 2).
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import os
@@ -113,8 +114,10 @@ def _rank_main(rank: int, world: int, port: int, out: str, job: dict[str, Any]) 
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
     record: dict[str, Any] = {"rank": rank}
+    # job["module"]: another test module's _rank_job (tests/test_distributed_joint.py reuses launch)
+    run = importlib.import_module(job["module"])._rank_job if "module" in job else _rank_job
     try:
-        _rank_job(rank, Path(out), job, record)
+        run(rank, Path(out), job, record)
     except BaseException as err:  # noqa: BLE001 - report every failure to the test
         record["error"] = f"{type(err).__name__}: {err}"
         record["traceback"] = traceback.format_exc()

@@ -33,6 +33,7 @@ __all__ = [
     "TABLE_OPTIMIZERS",
     "table_optimizer_name",
     "fuse_embedding_optimizer",
+    "fuse_overarch_optimizer",
     "dense_optimizer",
     "combined_optimizer",
 ]
@@ -98,6 +99,28 @@ def fuse_embedding_optimizer(
     cls, extra = _TABLE_OPT[name]
     params = [p for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
     apply_optimizer_in_backward(cls, params, {"lr": lr or cfg.embedding_lr or cfg.lr, **extra})
+
+
+def fuse_overarch_optimizer(
+    cfg: OptimConfig, overarch: nn.Module, name: str, lr: float | None = None
+) -> None:
+    """Attach table optimizer ``name`` to the OverArch's attribute tables (the EBC of a
+    ``ShardableOverArch``, unsharded, before DMP). Single-process training keeps them in the DENSE
+    group (``train/builders.build_optimizer``: ``optim.lr``), so the default lr is ``optim.lr``
+    (``lr`` overrides). With ``optim.weight_decay > 0`` single-process decays every row of these
+    tables each step, a fused sparse optimizer does not: warned."""
+    if cfg.weight_decay:
+        warnings.warn(
+            f"optim.weight_decay={cfg.weight_decay}: single-process joint training decays the "
+            "OverArch attribute tables (dense group); their fused sharded optimizer does not",
+            stacklevel=2,
+        )
+    if name not in _TABLE_OPT:
+        raise ValueError(f"unknown table optimizer {name!r}; known: {sorted(_TABLE_OPT)}")
+    cls, extra = _TABLE_OPT[name]
+    params = [p for m in overarch.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()]
+    if params:
+        apply_optimizer_in_backward(cls, params, {"lr": lr or cfg.lr, **extra})
 
 
 def dense_optimizer(cfg: OptimConfig, sharded: nn.Module) -> KeyedOptimizerWrapper:

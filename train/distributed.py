@@ -11,6 +11,15 @@ rank. What each rank does, and why it matches single-process :class:`train.loop.
 - **Same loss.** :class:`~silvertorch.distributed.two_tower.DistributedTwoTower` gathers the
   embeddings of all ranks and computes the single-process global-batch loss ``L``; the backward
   runs on ``W * L`` because DDP and TorchRec average gradients over ranks (see ``two_tower.py``).
+- **Joint recipe** (``joint.enabled``): towers + OverArch with the index in the loop, as
+  ``train/joint.py``. The OverArch's attribute tables are a TorchRec EBC
+  (``silvertorch/distributed/overarch_tables.py``) sharded by the same plan as the towers' tables,
+  its MLP data-parallel; the step is
+  :class:`~silvertorch.distributed.retrieval_model.DistributedRetrievalModel` (backward on
+  ``W * R + J~``, see there); every rank holds the same index (``train/dist_joint.py``: built before
+  sharding in ``JointTrainer``'s RNG order, refreshed from all-gathered item vectors at the start of
+  every ``joint.index_refresh_every``-th epoch; its vectors are checkpointed). Warmup and
+  heads-only polish epochs are refused (single-process only).
 - **Optimizers.** Tables: TorchRec fused optimizer in backward; dense: keyed torch optimizer
   (``train/dist_optim.py``). Adagrad/SGD equal the single-process updates; Adam is lazy Adam on
   tables (GPU only: FBGEMM's CPU kernels have no Adam, an Adam config gets Adagrad tables on CPU,
@@ -23,15 +32,15 @@ rank. What each rank does, and why it matches single-process :class:`train.loop.
 - **Metrics.** The loss is the global-batch loss (the same value on every rank); epoch means are
   all-reduced sums / counts; Recall@K / NDCG@K on all-gathered embeddings (rank 0 scores).
 - **Checkpoints.** ``torch.distributed.checkpoint`` under ``out_dir/dcp`` (atomic directories and a
-  ``latest`` pointer, ``silvertorch/distributed/dcp.py``): sharded tables, optimizer state (fused
-  table moments are sharded too), step, epoch, loader cursor and RNG. They load on any world size.
+  ``latest`` pointer, ``silvertorch/distributed/dcp.py``): sharded tables (the OverArch's too),
+  optimizer state (fused table moments are sharded too), step, epoch, loader cursor, RNG and, in
+  joint runs, the current index's item vectors. They load on any world size.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,6 +61,7 @@ from silvertorch.distributed.sharding import (
     shard_model,
     sharding_constraints,
 )
+from silvertorch.distributed.retrieval_model import DistributedRetrievalModel
 from silvertorch.distributed.state import copy_full_state, gather_full_state
 from silvertorch.distributed.topology import build_topology
 from silvertorch.distributed.two_tower import DistributedTwoTower
@@ -59,10 +69,12 @@ from train.builders import build_model, load_dataset, seed_everything, training_
 from train.checkpoint import CheckpointError, capture_rng, restore_rng
 from train.config import TrainConfig, config_hash, semantic_config
 from train.dist_data import RankSlicedLoader
+from train.dist_joint import DistJoint, check_joint_config
 from train.dist_optim import (
     combined_optimizer,
     dense_optimizer,
     fuse_embedding_optimizer,
+    fuse_overarch_optimizer,
     table_optimizer_name,
 )
 from train.negatives import check_batches, uniform_negatives
@@ -119,13 +131,8 @@ class DistTrainer:
         loop = config.train
         if torch.device(loop.device).type != ctx.device.type:
             raise ValueError(f"train.device={loop.device!r} but this rank runs on {ctx.device}")
-        if config.joint.enabled and ctx.is_main:
-            warnings.warn(
-                "joint.enabled=true: sharded training trains the two towers (in-batch sampled "
-                "softmax) only; the joint recipe with the index in the loop and the OverArch heads "
-                "is single-process (train/joint.py). Set joint.enabled=false to silence this.",
-                stacklevel=2,
-            )
+        if config.joint.enabled:
+            check_joint_config(config)  # before any collective: every rank raises the same error
         seed_everything(loop.seed, loop.deterministic)
         self.dataset = dataset if dataset is not None else load_dataset(config.data)
         self.train_data = training_view(self.dataset, config.data)
@@ -145,12 +152,22 @@ class DistTrainer:
         self.negatives = uniform_negatives(self.dataset.items.features.features,
                                            model.item_tower.feature_names,
                                            config.model.loss.num_uniform_negatives, loop.seed)
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.table_optimizer = table_optimizer_name(
             config.optim, ctx.device.type, self.options.table_optimizer
         )
         fuse_embedding_optimizer(config.optim, model, self.table_optimizer, self.options.table_lr)
-        wrapped = DistributedTwoTower(model)
+        self.joint: DistJoint | None = None
+        wrapped: DistributedTwoTower
+        if config.joint.enabled:
+            # index + OverArch drawn as train/joint.py draws them (same RNG order on every rank)
+            self.joint = DistJoint(config, self.dataset, model)
+            scorer = self.joint.scorer
+            wrapped = DistributedRetrievalModel(model, scorer.overarch, scorer.feature_tables())
+            # optim.lr: single-process trains these tables in the dense group
+            fuse_overarch_optimizer(config.optim, wrapped.overarch, self.table_optimizer)
+        else:
+            wrapped = DistributedTwoTower(model)
+        initial = {k: v.detach().clone() for k, v in wrapped.state_dict().items()}
         compute = ctx.device.type
         constraints = sharding_constraints(wrapped, compute, self.options.sharding_types)
         topology = build_topology(ctx.world_size, compute, self.options.topology)
@@ -173,7 +190,10 @@ class DistTrainer:
         return {"negatives": self.negatives.generator} if self.negatives is not None else {}
 
     def _state(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        state = {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+        if self.joint is not None:  # the vectors the current index was built from (replicated)
+            state["index_vectors"] = self.joint.vectors
+        return state
 
     def save(self) -> Path:
         """Collective: write a DCP checkpoint of the current step (atomic; see ``dcp.py``); a step
@@ -242,6 +262,8 @@ class DistTrainer:
         meta, rng = load_sharded(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
+        if self.joint is not None:
+            self.joint.set_vectors(state["index_vectors"])  # exactly the index it was mining from
         self.loader.load_state_dict(meta["loader"])
         if rng:
             restore_rng(rng, self._generators())
@@ -259,11 +281,22 @@ class DistTrainer:
             ids, kjt = self.negatives.sample()  # same draw on every rank (same generator state)
             negatives = (ids.to(self.ctx.device), kjt.to(self.ctx.device))
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(batch, negatives)
-        self.model.module.backward_loss(out).backward()  # W * L; tables are updated in here
+        if self.joint is not None:
+            out = self.model(batch, negatives, self.joint.plan())
+        else:
+            out = self.model(batch, negatives)
+        self.model.module.backward_loss(out).backward()  # W * L (joint: W * R + J); tables update here
         self.optimizer.step()
         self.step += 1
         return out.stats
+
+    def _maybe_refresh_index(self, epoch: int) -> None:
+        """Joint runs: rebuild the index at the start of every ``joint.index_refresh_every``-th
+        epoch (as ``train/joint.py``), not when resuming in the middle of an epoch."""
+        every = self.config.joint.index_refresh_every
+        if self.joint is None or epoch == 0 or self.loader.position != 0 or epoch % every:
+            return
+        self.joint.refresh(self.model.module, self.ctx.device)
 
     def _log(self, record: dict[str, float | int]) -> None:
         if self.ctx.is_main:
@@ -289,6 +322,7 @@ class DistTrainer:
         while self.loader.epoch < loop.epochs and not stop:
             loss_sum, loss_n, examples = 0.0, 0, 0
             epoch = self.loader.epoch
+            self._maybe_refresh_index(epoch)
             for batch in self.loader:
                 stats = self.train_step(batch)
                 result.losses.append(stats["loss"])

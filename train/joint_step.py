@@ -28,7 +28,7 @@ only the head loss is returned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ from silvertorch.losses import LossOutput, mixed_log_q, sampled_softmax_loss
 from silvertorch.model import RetrievalModel, TwoTower
 from train.mining import InteractionLabels
 
-__all__ = ["JointInputs", "joint_loss", "head_bce", "scale_grad"]
+__all__ = ["JointInputs", "HeadTerms", "joint_loss", "head_terms", "hard_negative_loss", "head_bce",
+           "scale_grad"]
 
 
 @dataclass
@@ -86,6 +87,81 @@ def head_bce(logits: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
     return (per * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+@dataclass
+class HeadTerms:
+    """The head loss of :func:`head_terms` and what the hard-negative loss reuses: ``weight
+    (H, 1 + C) f32`` per (row, candidate) BCE weight, ``rated (H, C) bool`` mined candidates the
+    user rated in train, ``stats`` for logging."""
+
+    heads: Tensor
+    weight: Tensor
+    rated: Tensor
+    stats: dict[str, float]
+
+
+def head_terms(
+    score: Callable[[Tensor, Tensor, Tensor], Tensor],
+    query: Tensor,
+    positives: Tensor,
+    cand: Tensor,
+    mined: Tensor,
+    item_ids: Tensor,
+    user_ids: Tensor,
+    batch_labels: Mapping[str, Tensor],
+    labels: InteractionLabels,
+    tasks: list[str],
+    *,
+    head_tower_grad: float,
+    skip_seen: bool,
+) -> HeadTerms:
+    """Step 3 of the module docstring for the first ``H = mined.shape[0]`` rows of a batch.
+
+    ``score (q (H, D), e (H, C, D), ids (H, C)) -> (H, C, T)`` logits (the OverArch);
+    ``query, positives (>= H, D) f32``; ``cand (H, K, D) f32`` mined vectors; ``mined (H, K) int64``;
+    ``item_ids, user_ids (>= H,) int64`` and ``batch_labels[task] (>= H,) f32`` of the batch rows.
+    Shared by the single-process step and the sharded one (``train/dist_joint.py``).
+    """
+    H = mined.shape[0]
+    device = query.device
+    # heads: [positive, mined candidates] of the first H rows
+    cand_ids = torch.cat([item_ids[:H, None], mined], dim=1)  # (H, 1 + K)
+    cand_vec = torch.cat([positives[:H, None], cand], dim=1)
+    head_q, head_e = scale_grad(query[:H], head_tower_grad), scale_grad(cand_vec, head_tower_grad)
+    logits = score(head_q, head_e, cand_ids.to(device))  # (H, 1+K, T)
+    pos_labels = torch.stack(
+        [batch_labels[t][:H] if t in batch_labels else torch.ones(H) for t in tasks], dim=-1
+    )
+    mined_labels = labels.labels(user_ids[:H].cpu(), mined.cpu(), tasks)
+    target = torch.cat([pos_labels[:, None], mined_labels], dim=1).to(device)
+    valid = ((mined >= 0) & (mined != item_ids[:H, None])).float().cpu()  # (H, K)
+    rated = labels.rating(user_ids[:H].cpu(), mined.cpu()) > 0  # (H, K) in the train set
+    keep = valid * (~rated).float() if skip_seen else valid
+    weight = torch.cat([torch.ones(H, 1), keep], dim=1).to(device)
+    heads = head_bce(logits, target, weight)
+    stats = {"head_loss": float(heads.detach())}
+    with torch.no_grad():  # share of mined candidates the user rated in train, per task
+        for t, name in enumerate(tasks):
+            share = (mined_labels[..., t] * valid).sum() / valid.sum().clamp_min(1)
+            stats[f"mined_{name}"] = float(share)
+    return HeadTerms(heads, weight, rated, stats)
+
+
+def hard_negative_loss(query: Tensor, positives: Tensor, cand: Tensor, tau: Tensor,
+                       terms: HeadTerms) -> Tensor:
+    """Step 4 of the module docstring: softmax of the positive against the mined candidates the
+    user never rated (``cand (H, K, D)``; ``query``, ``positives (>= H, D)``; ``terms`` from
+    :func:`head_terms` of the same rows) -> () f32; also sets ``terms.stats["hard_loss"]``."""
+    H = cand.shape[0]
+    device = query.device
+    scan = (query[:H, None, :] * cand).sum(-1) / tau  # (H, K): the scan's scores, with autograd
+    never_rated = (~terms.rated).to(device) & (terms.weight[:, 1:] > 0)
+    pos_score = (query[:H] * positives[:H]).sum(-1, keepdim=True) / tau
+    hard_logits = torch.cat([pos_score, scan.masked_fill(~never_rated, float("-inf"))], dim=1)
+    hard = F.cross_entropy(hard_logits, torch.zeros(H, dtype=torch.int64, device=device))
+    terms.stats["hard_loss"] = float(hard.detach())
+    return hard
+
+
 def joint_loss(
     two: TwoTower,
     scorer: RetrievalModel,
@@ -119,26 +195,11 @@ def joint_loss(
         positives, cand = vec[:B], vec[B : B + H * K].reshape(H, K, -1)
         negatives = vec[B + H * K :] if neg_ids is not None else None
 
-    # heads: [positive, mined candidates] of the first H rows
-    cand_ids = torch.cat([batch.item_ids[:H, None], mined], dim=1)  # (H, 1 + K)
-    cand_vec = torch.cat([positives[:H, None], cand], dim=1)
-    head_q, head_e = scale_grad(query[:H], head_tower_grad), scale_grad(cand_vec, head_tower_grad)
-    logits = scorer.score_candidates(head_q, head_e, cand_ids.to(device))  # (H, 1+K, T)
-    pos_labels = torch.stack(
-        [batch.labels[t][:H] if t in batch.labels else torch.ones(H) for t in tasks], dim=-1
-    )
-    mined_labels = labels.labels(batch.user_ids[:H].cpu(), mined.cpu(), tasks)
-    target = torch.cat([pos_labels[:, None], mined_labels], dim=1).to(device)
-    valid = ((mined >= 0) & (mined != batch.item_ids[:H, None])).float().cpu()  # (H, K)
-    rated = labels.rating(batch.user_ids[:H].cpu(), mined.cpu()) > 0  # (H, K) in the train set
-    keep = valid * (~rated).float() if skip_seen else valid
-    weight = torch.cat([torch.ones(H, 1), keep], dim=1).to(device)
-    heads = head_bce(logits, target, weight)
-    stats = {"head_loss": float(heads.detach())}
-    with torch.no_grad():  # share of mined candidates the user rated in train, per task
-        for t, name in enumerate(tasks):
-            share = (mined_labels[..., t] * valid).sum() / valid.sum().clamp_min(1)
-            stats[f"mined_{name}"] = float(share)
+    terms = head_terms(
+        scorer.score_candidates, query, positives, cand, mined, batch.item_ids, batch.user_ids,
+        batch.labels, labels, tasks, head_tower_grad=head_tower_grad, skip_seen=skip_seen,
+    )  # fmt: skip
+    heads, stats = terms.heads, terms.stats
     if not train_towers:
         return LossOutput(heads, {"loss": float(heads.detach()), **stats})
 
@@ -155,12 +216,7 @@ def joint_loss(
     loss = retrieval.loss + head_loss_weight * heads
     stats.update({"retrieval_loss": retrieval.stats["loss"], "top1": retrieval.stats["top1"]})
     if hard_negative_weight > 0:
-        scan = (query[:H, None, :] * cand).sum(-1) / tau  # (H, K): the scan's scores, with autograd
-        never_rated = (~rated).to(device) & (weight[:, 1:] > 0)
-        pos_score = (query[:H] * positives[:H]).sum(-1, keepdim=True) / tau
-        hard_logits = torch.cat([pos_score, scan.masked_fill(~never_rated, float("-inf"))], dim=1)
-        hard = F.cross_entropy(hard_logits, torch.zeros(H, dtype=torch.int64, device=device))
+        hard = hard_negative_loss(query, positives, cand, tau, terms)
         loss = loss + hard_negative_weight * hard
-        stats["hard_loss"] = float(hard)
     stats["loss"] = float(loss.detach())
     return LossOutput(loss, stats)

@@ -111,8 +111,6 @@ class DistributedTwoTower(nn.Module):
         negatives: tuple[Tensor, KeyedJaggedTensor] | None = None,
     ) -> LossOutput:
         """The global-batch loss ``L`` (same value on every rank); see the module docstring."""
-        world = dist.get_world_size(self.group)
-        cfg = self.config.loss
         query = gather_rows(self.user_tower(batch.user_features), self.group)  # (B, D)
         ids = all_gather_cat(batch.item_ids, self.group)  # (B,)
         b = batch.item_ids.numel()
@@ -124,9 +122,26 @@ class DistributedTwoTower(nn.Module):
             # every backward of a sharded lookup, so two calls would update the tables twice
             neg_ids, neg_kjt = negatives
             both = self.item_tower(cat_rows(batch.item_features, neg_kjt))  # (b + M, D)
-            local = both[:b]
-            neg_emb = scale_grad(both[b:], 1.0 / world)  # (M, D), the same on every rank
+            local, neg_emb = both[:b], both[b:]
         positives = gather_rows(local, self.group)  # (B, D)
+        return self.global_loss(query, positives, ids, neg_emb, neg_ids)
+
+    def global_loss(
+        self,
+        query: Tensor,
+        positives: Tensor,
+        ids: Tensor,
+        neg_emb: Tensor | None = None,
+        neg_ids: Tensor | None = None,
+    ) -> LossOutput:
+        """The sampled softmax of the gathered global batch: ``query, positives (B, D) f32`` (from
+        :func:`gather_rows`), ``ids (B,) int64``, ``neg_emb (M, D) f32`` / ``neg_ids (M,) int64`` the
+        uniform negatives, computed identically on every rank (their gradient and the temperature's
+        are scaled by ``1 / W`` here, see the module docstring)."""
+        world = dist.get_world_size(self.group)
+        cfg = self.config.loss
+        if neg_emb is not None:
+            neg_emb = scale_grad(neg_emb, 1.0 / world)  # (M, D), the same on every rank
         log_q = None
         if cfg.logq_correction:
             cand_ids = ids if neg_ids is None else torch.cat([ids, neg_ids])

@@ -11,17 +11,25 @@ or through the torchx component ``launch/components.py:train``. Reads RANK / WOR
 latest complete checkpoint when there is one, which is what a torchelastic restart needs.
 Exit codes: 0 done, 2 bad config / arguments, 1 unusable checkpoint or a failed peer (the error is
 printed with the rank).
+
+Fault-injection hook for tests (``tests/test_distributed_elastic.py``): ``SILVERTORCH_STEP_DELAY_S``
+= seconds every rank sleeps after each optimizer step (default 0: off), so that a test can SIGKILL
+a rank in the middle of a tiny run. It changes timing only, never what is computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 __all__ = ["build_parser", "main"]
+
+STEP_DELAY_ENV = "SILVERTORCH_STEP_DELAY_S"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def step_delay() -> float:
+    """Seconds to sleep after each step (``SILVERTORCH_STEP_DELAY_S``, test hook; 0 = off)."""
+    raw = os.environ.get(STEP_DELAY_ENV, "").strip()
+    try:
+        delay = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"{STEP_DELAY_ENV} must be a number of seconds >= 0, got {raw!r}") from None
+    if not delay >= 0:  # also refuses nan
+        raise ValueError(f"{STEP_DELAY_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return delay
+
+
+def _slow_down_steps(seconds: float) -> None:
+    """Make every ``DistTrainer.train_step`` of this process sleep ``seconds`` after the step."""
+    from train.distributed import DistTrainer
+
+    step = DistTrainer.train_step
+
+    def slowed(self: DistTrainer, batch: object) -> dict[str, float]:
+        stats = step(self, batch)
+        time.sleep(seconds)
+        return stats
+
+    DistTrainer.train_step = slowed  # type: ignore[method-assign]
+
+
 @record  # torchelastic: the failing rank's traceback goes to the error file and the job summary
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
@@ -67,6 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.keep < 1:
         print(f"error: --keep must be >= 1, got {args.keep}", file=sys.stderr)
         return 2
+    try:
+        delay = step_delay()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if delay > 0:
+        _slow_down_steps(delay)
     types = [t.strip() for t in args.sharding_types.split(",")] if args.sharding_types else None
     from train.distributed import DistOptions, train_distributed
 

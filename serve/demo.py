@@ -36,14 +36,26 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "launch.cli", *args]
 
 
-def _show(title: str, body: dict[str, Any], mark: str | None = None) -> None:
+def _row(rank: int, it: dict[str, Any], mark: str | None) -> str:
+    tasks = " ".join(f"{t}={p:.3f}" for t, p in it["task_scores"].items())
+    star = "NEW " if it["id"] == mark else "    "
+    return f"    {rank:>2}. {star}{it['title'][:48]:<48} score {it['score']:.3f}  {tasks}"
+
+
+def _show(title: str, body: dict[str, Any], mark: str | None = None, top: int = 10) -> None:
+    """Print the first ``top`` items of a retrieve answer; an item ``mark`` ranked below them is
+    printed too, after an ellipsis, at its true rank (the answer must hold more than ``top``)."""
     print(f"  {title}  (artifact {body['version'][:24]}..., generation {body['generation']})")
-    if not body["items"]:
+    items = body["items"]
+    if not items:
         print("      (no results)")
-    for rank, it in enumerate(body["items"], 1):
-        tasks = " ".join(f"{t}={p:.3f}" for t, p in it["task_scores"].items())
-        star = "NEW " if it["id"] == mark else "    "
-        print(f"    {rank:>2}. {star}{it['title'][:48]:<48} score {it['score']:.3f}  {tasks}")
+    for rank, it in enumerate(items[:top], 1):
+        print(_row(rank, it, mark))
+    below = [(rank, it) for rank, it in enumerate(items, 1) if rank > top and it["id"] == mark]
+    for rank, it in below:
+        if rank > top + 1:
+            print(f"        ... ranks {top + 1}-{rank - 1} not shown ...")
+        print(_row(rank, it, mark))
 
 
 def start_server(artifact: Path, state_dir: Path, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
@@ -96,8 +108,8 @@ def run(config: str, checkpoint: str, artifact: str, state_dir: str) -> int:
             after = retrieve(k=100, filter=NEW_FILTER, nprobe=nlist)
             ranked = [it["id"] for it in after["items"]]
             found = NEW_MOVIE["id"] in ranked
-            _show("top-10, same filter, right after the upsert", {**after, "items": after["items"][:10]},
-                  mark=NEW_MOVIE["id"])
+            _show("top-10 (and the new movie wherever it ranks), same filter, right after the upsert",
+                  after, mark=NEW_MOVIE["id"])
             where = f"rank {ranked.index(NEW_MOVIE['id']) + 1} of {len(ranked)} eligible" if found else "absent"
             print(f"  the new movie is retrievable at once: {found} ({where})")
             r = c.delete(f"/v1/items/{NEW_MOVIE['id']}")

@@ -23,6 +23,7 @@ saved tensors (strict), so catalog-sized buffers take whatever shapes the artifa
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -31,6 +32,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -651,6 +653,57 @@ def _without_user_tower(model: RetrievalModel) -> RetrievalModel:
     return view
 
 
+def _export_user_tower_at(tower: Tower, min_batch: int) -> torch.export.ExportedProgram:
+    """``torch.export`` of :class:`UserTowerProgram` with a dynamic batch ``min_batch..4096`` and a
+    dynamic ``nnz`` ``0..4096*64`` (a request whose features are all empty bags has ``nnz = 0``).
+
+    ``min_batch = 1`` traces with size-oblivious reasoning on backed sizes
+    (``torch.fx.experimental._config.backed_size_oblivious``, "an experimental option for
+    export" in torch 2.13): without it the tracer assumes every dynamic size is >= 2 and guards
+    ``B != 1`` (the contiguity checks of TorchRec's KJT splits and of the ``(B, D)`` output add
+    ``Ne(B, 1)``), so the program refuses a batch of 1.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    kjt = sample_user_kjt(tower, 3)
+    ubatch = torch.export.Dim("ubatch", min=min_batch, max=EXPORT_MAX_BATCH)
+    nnz = torch.export.Dim("nnz", min=0, max=EXPORT_MAX_BATCH * 64)
+    n_feat = len(tower.feature_names)
+    patch = fx_config.patch(backed_size_oblivious=True) if min_batch == 1 else contextlib.nullcontext()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # TorchRec logs a "KJT to_dict is slow" warning per export
+    try:
+        with patch:
+            return torch.export.export(
+                UserTowerProgram(tower), (kjt.values(), kjt.lengths()),
+                dynamic_shapes={"values": {0: nnz}, "lengths": {0: n_feat * ubatch}}, strict=False)
+    finally:
+        root.setLevel(level)
+
+
+def _export_user_tower(tower: Tower) -> tuple[torch.export.ExportedProgram, int]:
+    """(program, min_batch): the user tower exported for batches ``1..4096``, checked against the
+    eager tower at batch 1 and 2 (outputs identical, a row of empty bags included); if that export
+    fails or differs, the batch ``2..4096`` program of earlier versions (``min_batch = 2``)."""
+    try:
+        ep = _export_user_tower_at(tower, 1)
+        program = ep.module()
+        for batch, seed in ((1, 11), (2, 12)):
+            kjt = sample_user_kjt(tower, batch, seed)
+            if not torch.equal(program(kjt.values(), kjt.lengths()), tower(kjt)):
+                raise ValueError(f"the batch-1 program differs from the eager tower at batch {batch}")
+        empty = torch.zeros(len(tower.feature_names), dtype=torch.int64)  # one user, no features
+        if not torch.equal(program(empty[:0], empty), tower(KeyedJaggedTensor(
+                list(tower.feature_names), empty[:0], lengths=empty, stride=1))):
+            raise ValueError("the batch-1 program differs from the eager tower on empty bags")
+        return ep, 1
+    except Exception as err:  # noqa: BLE001 - fall back to the program without batch 1
+        warnings.warn(f"user tower: no batch-1 program ({type(err).__name__}: {err}); exporting "
+                      "batch 2..4096 (pad a single request to two rows)", stacklevel=2)  # fmt: skip
+        return _export_user_tower_at(tower, 2), 2
+
+
 @torch.no_grad()
 def _export_programs(model: RetrievalModel, directory: Path) -> dict[str, Any]:
     """Export the user tower and the RetrievalHead into ``directory``; returns their manifest entry.
@@ -661,23 +714,12 @@ def _export_programs(model: RetrievalModel, directory: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     kjt = sample_user_kjt(model.user_tower, 3)
     batch = torch.export.Dim("batch", min=1, max=EXPORT_MAX_BATCH)
-    ubatch = torch.export.Dim("ubatch", min=2, max=EXPORT_MAX_BATCH)  # TorchRec specializes B=1
-    nnz = torch.export.Dim("nnz", min=1, max=EXPORT_MAX_BATCH * 64)
-    n_feat = len(model.user_tower.feature_names)
-    root = logging.getLogger()
-    level = root.level
     try:
-        root.setLevel(logging.ERROR)  # TorchRec logs a "KJT to_dict is slow" warning per export
-        try:
-            ep = torch.export.export(
-                UserTowerProgram(model.user_tower), (kjt.values(), kjt.lengths()),
-                dynamic_shapes={"values": {0: nnz}, "lengths": {0: n_feat * ubatch}}, strict=False)
-        finally:
-            root.setLevel(level)
+        ep, min_batch = _export_user_tower(model.user_tower)
         torch.export.save(ep, directory / PROGRAMS["user_tower"])
         out["user_tower"] = {"file": PROGRAMS["user_tower"], "inputs": ["values", "lengths"],
                              "keys": list(model.user_tower.feature_names), "batch": "dynamic",
-                             "min_batch": 2, "max_batch": EXPORT_MAX_BATCH}
+                             "min_batch": min_batch, "max_batch": EXPORT_MAX_BATCH}
     except Exception as err:  # noqa: BLE001 - recorded in the manifest, the artifact stays usable
         out["user_tower"] = {"error": f"{type(err).__name__}: {err}"[:500]}
     k = min(HEAD_K, model.config.max_k)

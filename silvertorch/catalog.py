@@ -253,6 +253,7 @@ class CatalogUpdater:
         old = cur >= 0
         n_new = int((~old).sum())
         # ---------------------------------------------------------------- writes start here
+        self._histograms(cur[old], -1)  # the updated items' old sets leave their clusters' counts
         if n_new:
             fresh.reserve(self.index, n_new, self.fresh_capacity_for_new_region())
             ivf = self.index.ivf
@@ -268,6 +269,7 @@ class CatalogUpdater:
             fresh.set_live(ivf, new_slots, True)
             if self.index.eligibility is not None:
                 set_elig_live(self.index.eligibility, new_slots, True)
+        self._histograms(cur, +1)
         return UpdateResult(self._bump(), updated=n - n_new, inserted=n_new)
 
     @torch.no_grad()
@@ -277,6 +279,7 @@ class CatalogUpdater:
         slots = self._check_live(ids, "delete")
         if ids.numel() == 0:
             return UpdateResult(self.generation)
+        self._histograms(slots, -1)
         fresh.tombstone(self.index.ivf, slots)
         if self.index.eligibility is not None:
             set_elig_live(self.index.eligibility, slots, False)
@@ -291,10 +294,20 @@ class CatalogUpdater:
         slots = self._check_live(ids, "patch_attributes")
         if ids.numel() == 0:
             return UpdateResult(self.generation)
+        self._histograms(slots, -1)
         self._write_attributes(slots, enc, reset=torch.zeros(ids.numel(), dtype=torch.bool))
+        self._histograms(slots, +1)
         return UpdateResult(self._bump(), patched=ids.numel())
 
     # ------------------------------------------------------------------------------ writers
+    def _histograms(self, slots: Tensor, sign: int) -> None:
+        """Per-cluster value counts (selectivity-aware probing) -/+ the live ``slots``' sets."""
+        index = self.index
+        if getattr(index, "selectivity", None) is not None and index.eligibility is not None:
+            ivf = index.ivf
+            index.selectivity.add_slots(slots.cpu(), ivf.cluster_offsets, ivf.live_words,
+                                        index.eligibility, sign)
+
     def _bump(self) -> int:
         self.model.catalog_generation += 1
         return self.generation

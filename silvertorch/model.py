@@ -35,7 +35,7 @@ from torchrec import KeyedJaggedTensor
 
 from silvertorch.config import check
 from silvertorch.index.attributes import ItemAttributes
-from silvertorch.index.ops import index_tensors, pack_plan
+from silvertorch.index.ops import histogram_tensors, index_tensors, pack_plan
 from silvertorch.index.plan import FilterPlan
 from silvertorch.index.search import ItemIndex
 from silvertorch.losses import LossConfig, LossOutput, mixed_log_q, sampled_softmax_loss
@@ -226,6 +226,13 @@ class RetrievalConfig:
     ``verify`` re-checks filters exactly on the candidates (drops Bloom false positives).
     ``fresh_capacity`` sizes the fresh segment that streaming inserts create
     (:mod:`silvertorch.catalog`): 0 = ``max(1024, 5% of the catalog)`` rounded up to 64 slots.
+    ``min_candidates_factor`` / ``max_nprobe``: selectivity-aware probing of filtered requests
+    (:mod:`silvertorch.index.selectivity`): probe beyond ``nprobe``, in centroid order, until the
+    estimated eligible items reach ``min_candidates_factor * max(k, k_prime)``, at most
+    ``max_nprobe`` clusters (0 = nlist); ``min_candidates_factor = 0`` (the default, so the sharded
+    twin, which has no histograms yet, answers the same) = fixed ``nprobe``; ``docs/index.md``
+    ("Filtered recall") measures the recommended value. Needs an index with histograms (built by
+    ``ItemIndex.build`` since this option exists); unfiltered requests are unaffected.
     """
 
     k_prime: int = 200
@@ -236,11 +243,16 @@ class RetrievalConfig:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     verify: bool = True
     fresh_capacity: int = 0
+    min_candidates_factor: float = 0.0
+    max_nprobe: int = 128
 
     def validate(self) -> None:
         check(self.k_prime >= 1, "k_prime", f">= 1, got {self.k_prime}")
         check(self.fresh_capacity >= 0, "fresh_capacity", f">= 0 (0 = automatic), got {self.fresh_capacity}")
         check(self.nprobe >= 1, "nprobe", f">= 1, got {self.nprobe}")
+        check(self.min_candidates_factor >= 0, "min_candidates_factor",
+              f">= 0 (0 = off), got {self.min_candidates_factor}")
+        check(self.max_nprobe >= 0, "max_nprobe", f">= 0 (0 = nlist), got {self.max_nprobe}")
         check(self.max_k >= 1, "max_k", f">= 1, got {self.max_k}")
         self.overarch.validate()
         self.value_model.validate()
@@ -444,6 +456,7 @@ class RetrievalModel(nn.Module):
         retrieval, ids = torch.ops.silvertorch.ivf_search(
             query.detach(), ivf_buf, metric, elig_buf, plan_tensors, plan_ints, k_cand,
             cfg.nprobe if nprobe is None else nprobe, cfg.verify, False,
+            *histogram_tensors(self.index), float(cfg.min_candidates_factor), int(cfg.max_nprobe),
         )  # (B, K') f32, (B, K') int64
         valid = ids >= 0
         items = self.candidate_vectors(ids)  # (B, K', D)

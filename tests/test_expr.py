@@ -66,6 +66,13 @@ def test_syntax_errors_name_position_and_token(text: str, position: int, token: 
     assert err.value.position == position
     assert err.value.token == token
     assert f"position {position}" in str(err.value) and repr(token) in str(err.value)
+    assert str(err.value).count("at position") == 1  # one position, the error's (was twice)
+
+
+def test_unclosed_paren_names_the_opening_paren() -> None:
+    with pytest.raises(FilterSyntaxError) as err:
+        parse("a:1 AND (b:2 OR c:3")
+    assert "'(' opened at character 8" in str(err.value) and err.value.position == 19
 
 
 def test_tokenize_positions() -> None:

@@ -164,6 +164,31 @@ def test_sq8_mode_recall_against_exact(artifact) -> None:
     assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(ivf.tolist(), truth.tolist())]) < 1.0
 
 
+@torch.no_grad()
+def test_ann_service_probes_filtered_rows_as_silvertorch(artifact) -> None:
+    """Selectivity-aware probing: the ANN service calls SilverTorch's probe selection, so with the
+    same factor both return the same ids, filtered and unfiltered, in IVF and in exact mode."""
+    from benchmarks.mesh.ann import AnnService
+    from silvertorch.index import SearchParams
+
+    _, art = artifact
+    idx = art.model.index
+    assert idx.has_histograms
+    q = np.random.default_rng(2).standard_normal((12, idx.ivf.dim)).astype(np.float32)
+    filters = [f or "" for f in FILTERS] * 4
+    ann = AnnService(idx, art.model.num_items, "flat", 200, min_candidates_factor=3.0, max_nprobe=6)
+    adaptive_differs = False
+    for nprobe in (1, idx.ivf.nlist):
+        got, _ = ann.search(q, 30, nprobe, filters)
+        p = SearchParams(nprobe=nprobe, filter=[f or None for f in filters], min_candidates_factor=3.0,
+                         max_nprobe=6)
+        want = idx.search(torch.from_numpy(q), 30, p)[1].numpy()
+        assert np.array_equal(got, want), nprobe
+        fixed = idx.search(torch.from_numpy(q), 30, SearchParams(nprobe=nprobe, filter=p.filter))[1]
+        adaptive_differs |= not np.array_equal(fixed.numpy(), want)
+    assert adaptive_differs  # the factor made a difference at nprobe 1
+
+
 def test_launcher_stops_every_process(mesh) -> None:
     pids = list(mesh.pids)
     assert len(pids) == 4

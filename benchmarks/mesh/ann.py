@@ -12,7 +12,11 @@ holds it in the artifact), so both systems probe the same clusters:
   1 byte per dimension like our int8, but faiss's per-dimension ranges (recall measured).
 
 Probing is done here exactly as SilverTorch does it (``q @ centroids.T``, top ``nprobe``; cosine
-artifacts normalize the query), then ``search_preassigned``. ``nprobe >= nlist`` probes every list:
+artifacts normalize the query), then ``search_preassigned``. Filtered rows with
+``min_candidates_factor > 0`` and an artifact that carries per-cluster value histograms probe with
+SilverTorch's own selectivity-aware selection (:func:`silvertorch.index.selectivity.probe_for_filter`
+on the compiled filter: more clusters, in centroid order, until ``factor * k`` eligible items are
+expected); padding probes are ``-1``, which faiss skips. ``nprobe >= nlist`` probes every list:
 the exhaustive (exact) search. Filters: the inverted index (:mod:`.inverted_index`) gives an item
 bitmap per distinct expression in the batch, handed to faiss as ``IDSelectorBitmap`` in
 ``SearchParametersIVF``: the scan skips ineligible ids, so no over-fetch is needed.
@@ -32,6 +36,7 @@ import torch
 
 from silvertorch.index.quantize import decode, quantize_rows_int8
 from silvertorch.index.search import ItemIndex
+from silvertorch.index.selectivity import probe_for_filter
 
 from .inverted_index import InvertedIndex
 from .protocol import ProtocolError, require, unpack_strings
@@ -78,8 +83,16 @@ class SearchItem:
 class AnnService(BinaryService[SearchItem]):
     name = "ann"
 
-    def __init__(self, index: ItemIndex, num_items: int, kind: str, max_k: int) -> None:
+    def __init__(self, index: ItemIndex, num_items: int, kind: str, max_k: int, *,
+                 min_candidates_factor: float = 0.0, max_nprobe: int = 0) -> None:
+        """``min_candidates_factor`` / ``max_nprobe``: the artifact's ``RetrievalConfig`` values
+        (selectivity-aware probing of filtered rows; 0 = fixed ``nprobe``, as SilverTorch)."""
+        if min_candidates_factor < 0 or max_nprobe < 0:
+            raise ValueError("min_candidates_factor and max_nprobe must be >= 0, got "
+                             f"{min_candidates_factor} and {max_nprobe}")
         ivf = index.ivf
+        self.index = index
+        self.min_candidates_factor, self.max_nprobe = float(min_candidates_factor), int(max_nprobe)
         self.dim, self.nlist = ivf.dim, ivf.nlist
         self.cosine = ivf.metric == "cosine"
         self.int8 = ivf.storage_dtype == torch.int8 and kind == "flat"
@@ -134,6 +147,13 @@ class AnnService(BinaryService[SearchItem]):
             dq, iq = torch.sort(sims, dim=1, descending=True)
         else:
             dq, iq = torch.topk(sims, nprobe, dim=1)
+        if self.min_candidates_factor > 0 and any(filters) and self.index.has_histograms:
+            ivf, plan = self.index.ivf, self.index.eligibility.compile(filters)
+            iq = probe_for_filter(q, ivf.centroids, ivf.cluster_offsets, ivf.live_words,
+                                  self.index.selectivity, self.index.eligibility.feat_info, plan,
+                                  nprobe, torch.full((q.shape[0],), k, dtype=torch.int64),
+                                  self.min_candidates_factor, self.max_nprobe)
+            dq = torch.where(iq >= 0, sims.gather(1, iq.clamp_min(0)), float("-inf"))
         if self.int8:  # the query SilverTorch's int8 scan effectively uses
             codes, scale = quantize_rows_int8(q)
             q = codes.float() * scale[:, None]
@@ -146,7 +166,7 @@ class AnnService(BinaryService[SearchItem]):
         for r, f in enumerate(filters):
             groups.setdefault(f, []).append(r)
         for expr, rows in groups.items():
-            params = faiss.SearchParametersIVF(nprobe=nprobe)
+            params = faiss.SearchParametersIVF(nprobe=iq.shape[1])
             sel = None
             if expr:
                 sel = faiss.IDSelectorBitmap(InvertedIndex.bitmap(self.elig.mask(expr)))

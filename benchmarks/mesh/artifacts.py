@@ -40,8 +40,9 @@ def _tower(features: dict[str, int], dim: int) -> TowerConfig:
 
 def tiny_artifact(out: str | Path, *, num_items: int = 500, num_users: int = 50, dim: int = 16,
                   nlist: int = 8, dtype: str = "fp32", k_prime: int = 40, max_k: int = 200,
-                  seed: int = 0) -> Path:
-    """Write a small artifact directory at ``out`` (see module doc); returns ``out``."""
+                  seed: int = 0, min_candidates_factor: float = 0.0) -> Path:
+    """Write a small artifact directory at ``out`` (see module doc); returns ``out``.
+    ``min_candidates_factor``: the config's selectivity-aware probing (0 = fixed ``nprobe``)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     genres = [sorted(set(torch.randint(1, len(GENRES), (int(torch.randint(0, 4, (1,), generator=g)),),
@@ -61,7 +62,7 @@ def tiny_artifact(out: str | Path, *, num_items: int = 500, num_users: int = 50,
                                                       ["item_id", "genre"]))
     index = ItemIndex.build(vectors, attributes=items, nlist=nlist, dtype=dtype, seed=seed)
     cfg = RetrievalConfig(
-        k_prime=k_prime, nprobe=2, max_k=max_k,
+        k_prime=k_prime, nprobe=2, max_k=max_k, min_candidates_factor=min_candidates_factor,
         overarch=OverArchConfig(tasks=["liked", "rated"], hidden_dims=[16],
                                 item_features=["genre", "decade"], feature_embedding_dim=4),
         value_model=ValueModelConfig(tasks=["liked", "rated"], weights=[1.0, 0.5]),
@@ -83,13 +84,16 @@ def user_requests(n: int, num_users: int = 50, seed: int = 0) -> list[dict[str, 
 
 def synthetic_artifact(out: str | Path, *, num_items: int = 1_000_000, dim: int = 64, nlist: int = 1024,
                        dtype: str = "int8", num_users: int = 1000, k_prime: int = 200, nprobe: int = 16,
-                       max_k: int = 10_000, seed: int = 0, progress: bool = True) -> Path:
+                       max_k: int = 10_000, seed: int = 0, progress: bool = True,
+                       min_candidates_factor: float = 0.0, max_nprobe: int = 128) -> Path:
     """A synthetic catalog (:func:`silvertorch.data.synthetic.generate_catalog`) as an artifact.
 
     Item vectors are the catalog's clustered vectors (stored ``dtype`` in an ``nlist`` IVF), every
     catalog attribute is filterable, the OverArch reads ``category`` and ``maturity``; the user
     tower (``user_id`` -> ``dim``) and the scoring heads have random weights. Also writes
     ``<out>.filters.json``: 64 filter expressions over the catalog's attributes.
+    ``min_candidates_factor`` / ``max_nprobe``: selectivity-aware probing of filtered requests
+    (0 = fixed ``nprobe``; docs/index.md "Filtered recall" measures the choice).
     """
     import json
 
@@ -106,7 +110,8 @@ def synthetic_artifact(out: str | Path, *, num_items: int = 1_000_000, dim: int 
                    user_card, item_card, num_items=num_items).eval()
     index = ItemIndex.build(cat.vectors, attributes=attrs, nlist=nlist, dtype=dtype, seed=seed)
     cfg = RetrievalConfig(
-        k_prime=k_prime, nprobe=nprobe, max_k=max_k,
+        k_prime=k_prime, nprobe=nprobe, max_k=max_k, min_candidates_factor=min_candidates_factor,
+        max_nprobe=max_nprobe,
         overarch=OverArchConfig(tasks=["liked", "rated"], hidden_dims=[64],
                                 item_features=["category", "maturity"], feature_embedding_dim=8),
         value_model=ValueModelConfig(tasks=["liked", "rated"], weights=[1.0, 0.5]),

@@ -71,7 +71,9 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - a Starlette app
         from .ann import AnnService
 
         max_cand = max(settings.max_k, model.config.k_prime)
-        route = binary_route("/v1/search", AnnService(model.index, model.num_items, settings.ann, max_cand),
+        route = binary_route("/v1/search", AnnService(model.index, model.num_items, settings.ann, max_cand,
+                                                          min_candidates_factor=model.config.min_candidates_factor,
+                                                          max_nprobe=model.config.max_nprobe),
                              settings, pool)
     else:
         from .scoring import ScoringService

@@ -11,6 +11,8 @@ and returns a new one plus the slot map; nothing it is given is modified, so it 
   a query is bit-identical before and after: exact search returns the same results.
 - The eligibility index is rebuilt (:meth:`EligibilityIndex.build`) from its own exact attribute
   sets in the new slot order, with the same per-feature modes, Bloom width and hash count.
+- Per-cluster value histograms (selectivity-aware probing), when the index has them, are recounted
+  for the new layout with the same features (the fresh cluster's counts move into the main ones).
 """
 
 from __future__ import annotations
@@ -89,4 +91,10 @@ def compact_index_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], Te
         old_of_new = torch.full((s_new,), -1, dtype=torch.int64)
         old_of_new[slots] = src
         elig = EligibilityIndex.build(attrs.take(old_of_new), cfg, live=ids >= 0)
-    return ItemIndex(out, elig).state_dict(), new_of_old
+    hist = None
+    if elig is not None and index.selectivity is not None:
+        from .selectivity import ClusterHistogram
+
+        hist = ClusterHistogram.build(out.cluster_offsets, out.live_words, elig, C,
+                                      col_base=index.selectivity.col_base)
+    return ItemIndex(out, elig, hist).state_dict(), new_of_old

@@ -217,7 +217,7 @@ class _Parser:
             self.take()
             node = self.parse_or()
             if self.peek().kind != ")":
-                raise self.fail(f"expected ')' to close '(' at position {tok.pos}")
+                raise self.fail(f"expected ')' to close the '(' opened at character {tok.pos}")
             self.take()
             return node
         raise self.fail("expected a term 'feature:value', NOT or '('")

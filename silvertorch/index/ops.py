@@ -12,7 +12,10 @@ The op takes only tensors, ints, bools and strings:
 - the six ``IVFIndex`` buffers (:data:`silvertorch.index.ivf._BUFFERS` order) and the metric;
 - the ``EligibilityIndex`` buffers (its ``_BUFFERS`` order; an empty list = no eligibility index);
 - a :class:`FilterPlan` flattened by :func:`pack_plan` into ``(tensors, ints)`` (empty = no filter);
-- ``k``, ``nprobe``, ``verify``, ``exact``.
+- ``k``, ``nprobe``, ``verify``, ``exact``;
+- optional, last (defaults keep older call sites and exported programs valid): the
+  ``ClusterHistogram`` buffers ``hist_counts`` / ``hist_cols`` (None = none), and the
+  selectivity-aware probing knobs ``min_candidates_factor`` (0 = off) and ``max_nprobe`` (0 = nlist).
 
 Returns ``scores (B, k) f32`` and ``ids (B, k) int64`` with Faiss padding (``-inf`` / ``-1``). The op
 is not differentiable (the scores are a ranking signal; differentiable scoring happens after it).
@@ -21,6 +24,7 @@ is not differentiable (the scores are a ranking signal; differentiable scoring h
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,8 +35,9 @@ from .ivf import _BUFFERS as _IVF_BUFFERS
 from .ivf import IVFIndex
 from .plan import FilterPlan
 from .search import ItemIndex, SearchParams
+from .selectivity import ClusterHistogram
 
-__all__ = ["ivf_search", "search_index", "pack_plan", "unpack_plan", "index_tensors"]
+__all__ = ["ivf_search", "search_index", "pack_plan", "unpack_plan", "index_tensors", "histogram_tensors"]
 
 _FIELDS = dataclasses.fields(FilterPlan)
 _PLAN_TENSORS = tuple(f.name for f in _FIELDS if f.type == "Tensor")
@@ -89,7 +94,14 @@ def index_tensors(index: ItemIndex) -> tuple[list[Tensor], str, list[Tensor]]:
     return ivf, index.ivf.metric, elig
 
 
-def _shell(ivf_buffers: list[Tensor], metric: str, elig_buffers: list[Tensor]) -> ItemIndex:
+def histogram_tensors(index: ItemIndex) -> tuple[Tensor | None, Tensor | None]:
+    """``(counts, col_base)`` of the index's :class:`ClusterHistogram`, or ``(None, None)``."""
+    h = index.selectivity
+    return (None, None) if h is None else (h.counts, h.col_base)
+
+
+def _shell(ivf_buffers: list[Tensor], metric: str, elig_buffers: list[Tensor],
+           hist_counts: Tensor | None = None, hist_cols: Tensor | None = None) -> ItemIndex:
     """An :class:`ItemIndex` whose buffers *are* the given tensors (no copy, no validation)."""
     centroids, vectors = ivf_buffers[0], ivf_buffers[3]
     ivf = IVFIndex(centroids.shape[1], centroids.shape[0], vectors.dtype, metric)
@@ -100,7 +112,11 @@ def _shell(ivf_buffers: list[Tensor], metric: str, elig_buffers: list[Tensor]) -
         elig = EligibilityIndex()
         for name, t in zip(_ELIG_BUFFERS, elig_buffers):
             elig._buffers[name] = t
-    return ItemIndex(ivf, elig)
+    hist = None
+    if elig is not None and hist_counts is not None and hist_cols is not None:
+        hist = ClusterHistogram()
+        hist._buffers["counts"], hist._buffers["col_base"] = hist_counts, hist_cols
+    return ItemIndex(ivf, elig, hist)
 
 
 @torch.library.custom_op("silvertorch::ivf_search", mutates_args=())
@@ -115,11 +131,16 @@ def ivf_search(
     nprobe: int,
     verify: bool,
     exact: bool,
+    hist_counts: Optional[Tensor] = None,
+    hist_cols: Optional[Tensor] = None,
+    min_candidates_factor: float = 0.0,
+    max_nprobe: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``queries (B, d) f32`` -> ``scores (B, k) f32``, ``ids (B, k) int64`` (see module doc)."""
-    index = _shell(ivf_buffers, metric, elig_buffers)
+    index = _shell(ivf_buffers, metric, elig_buffers, hist_counts, hist_cols)
     plan = unpack_plan(plan_tensors, plan_ints)
-    params = SearchParams(nprobe=nprobe, filter=plan, verify=verify, exact=exact)
+    params = SearchParams(nprobe=nprobe, filter=plan, verify=verify, exact=exact,
+                          min_candidates_factor=min_candidates_factor, max_nprobe=max_nprobe)
     scores, ids = index.search(queries, k, params)
     return scores.contiguous(), ids.contiguous()
 
@@ -136,6 +157,10 @@ def _(
     nprobe: int,
     verify: bool,
     exact: bool,
+    hist_counts: Optional[Tensor] = None,
+    hist_cols: Optional[Tensor] = None,
+    min_candidates_factor: float = 0.0,
+    max_nprobe: int = 0,
 ) -> tuple[Tensor, Tensor]:
     B = queries.shape[0]
     return (
@@ -153,16 +178,21 @@ def search_index(
     plan: FilterPlan | None = None,
     verify: bool = True,
     exact: bool = False,
+    min_candidates_factor: float = 0.0,
+    max_nprobe: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """:meth:`ItemIndex.search` through the custom op: ``(B, d)`` -> ``(B, k) f32, (B, k) int64``.
 
     ``queries`` are detached (the search is not differentiable). Same results as
-    ``index.search(queries, k, SearchParams(nprobe=nprobe, filter=plan, verify=verify, exact=exact))``.
+    ``index.search(queries, k, SearchParams(nprobe=nprobe, filter=plan, verify=verify, exact=exact,
+    min_candidates_factor=..., max_nprobe=...))``.
     """
     if plan is not None and index.eligibility is None:
         raise ValueError("a filter was given but the index was built without attributes")
     ivf, metric, elig = index_tensors(index)
     tensors, ints = pack_plan(plan)
+    counts, cols = histogram_tensors(index)
     return torch.ops.silvertorch.ivf_search(
-        queries.detach(), ivf, metric, elig, tensors, ints, k, nprobe, verify, exact
+        queries.detach(), ivf, metric, elig, tensors, ints, k, nprobe, verify, exact,
+        counts, cols, float(min_candidates_factor), int(max_nprobe),
     )

@@ -9,6 +9,14 @@ A fresh segment (streaming updates, see :mod:`silvertorch.index.fresh`) is one e
 the main ones that every IVF search probes in addition to its ``nprobe`` nearest; exact search scans
 every slot anyway. The scan, the filter and the verification treat it like any other cluster.
 
+Selectivity-aware probing (:mod:`silvertorch.index.selectivity`): with a filter and
+``params.min_candidates_factor > 0``, a query probes its ``nprobe`` nearest clusters and then more, in
+centroid order, until the estimated eligible items of its probed clusters reach
+``min_candidates_factor * k`` (at most ``params.max_nprobe``); rows of a batch are padded with an
+empty cluster, so each query's answer is the one it gets alone. Needs the index's per-cluster
+value histograms (``ItemIndex.selectivity``, built with the eligibility index); without them, or
+unfiltered, the probe is the fixed ``nprobe`` one.
+
 Probe-then-filter: the filter is evaluated only on the words of each query's probed clusters
 (cluster ``c`` owns words ``[cluster_offsets[c] // 64, cluster_offsets[c+1] // 64)``), and
 :class:`SearchStats` reports those words against the whole catalog.
@@ -28,6 +36,7 @@ from .kmeans import KMeansConfig
 from .layout import SLOT_ALIGN, unpack_words
 from .quantize import prepare_queries
 from .scan import ScanStats, scan_fast, scan_reference
+from .selectivity import DEFAULT_BUDGET_BYTES, ClusterHistogram, probe_for_filter
 
 __all__ = ["SearchParams", "SearchStats", "ItemIndex", "select"]
 
@@ -72,6 +81,10 @@ class SearchParams:
       torch path with a one-time warning when it cannot be built), ``"fast"`` the torch cluster-major
       path, ``"reference"`` the plain-torch loop, ``"triton"`` the GPU kernel; ``"auto"`` = Triton on
       CUDA, ``"ext"`` on CPU when the extension is built, ``"fast"`` otherwise.
+    - ``min_candidates_factor``: selectivity-aware probing of filtered queries (module doc): probe
+      more clusters until the estimated eligible items reach ``min_candidates_factor * k``;
+      0 = off (fixed ``nprobe``). Unfiltered queries always probe ``nprobe``.
+    - ``max_nprobe``: the most clusters selectivity-aware probing may probe (0 = ``nlist``).
     """
 
     nprobe: int = 16
@@ -81,6 +94,8 @@ class SearchParams:
     exact: bool = False
     engine: Engine = "auto"
     int8_engine: Literal["intmm", "bmm"] = "intmm"
+    min_candidates_factor: float = 0.0
+    max_nprobe: int = 0
 
 
 @dataclass
@@ -100,12 +115,17 @@ class SearchStats:
 
 
 class ItemIndex(nn.Module):
-    """The item side of retrieval: :class:`IVFIndex` (+ optional ``EligibilityIndex``) as buffers."""
+    """The item side of retrieval: :class:`IVFIndex` (+ optional ``EligibilityIndex`` and its
+    per-cluster value histograms ``selectivity``, a :class:`ClusterHistogram`) as buffers."""
 
-    def __init__(self, ivf: IVFIndex, eligibility: nn.Module | None = None) -> None:
+    def __init__(self, ivf: IVFIndex, eligibility: nn.Module | None = None,
+                 selectivity: ClusterHistogram | None = None) -> None:
         super().__init__()
+        if selectivity is not None and eligibility is None:
+            raise ValueError("selectivity histograms need an eligibility index (item attributes)")
         self.ivf = ivf
         self.eligibility = eligibility
+        self.selectivity = selectivity
         self.last_stats = SearchStats()
 
     @classmethod
@@ -121,9 +141,13 @@ class ItemIndex(nn.Module):
         seed: int = 0,
         kmeans_config: KMeansConfig | None = None,
         eligibility_config: Any = None,
+        histogram_budget_bytes: int | None = DEFAULT_BUDGET_BYTES,
     ) -> ItemIndex:
         """Build from ``vectors (N, d) f32``, ``ids (N,) int64`` (default ``arange(N)``) and
-        ``attributes`` of the same ``N`` items (row ``i`` = item ``i``), re-ordered into slots."""
+        ``attributes`` of the same ``N`` items (row ``i`` = item ``i``), re-ordered into slots.
+
+        With attributes, per-cluster value histograms (selectivity-aware probing) are built for the
+        lowest-cardinality features within ``histogram_budget_bytes`` (None = no histograms)."""
         if attributes is not None and attributes.num_items != vectors.shape[0]:
             raise ValueError(
                 f"attributes cover {attributes.num_items} items, vectors have {vectors.shape[0]}"
@@ -136,7 +160,11 @@ class ItemIndex(nn.Module):
 
             rows = _slot_rows(ivf, ids, vectors.shape[0])
             elig = EligibilityIndex.build(attributes.take(rows), eligibility_config, live=rows >= 0)
-        return cls(ivf, elig)
+        hist = None
+        if elig is not None and histogram_budget_bytes is not None:
+            hist = ClusterHistogram.build(ivf.cluster_offsets, ivf.live_words, elig, ivf.nlist,
+                                          budget_bytes=histogram_budget_bytes)
+        return cls(ivf, elig, hist)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor]) -> ItemIndex:
@@ -147,7 +175,8 @@ class ItemIndex(nn.Module):
             from .eligibility import EligibilityIndex
 
             elig = EligibilityIndex()
-        index = cls(ivf, elig)
+        hist = ClusterHistogram() if elig is not None and any(k.startswith("selectivity.") for k in state) else None
+        index = cls(ivf, elig, hist)
         index.load_state_dict(state)
         return index
 
@@ -180,7 +209,7 @@ class ItemIndex(nn.Module):
         if p.exact:
             cand_s, cand_slot = self._scan_exact(qc, qscale, plan, k_scan, stats)
         else:
-            cand_s, cand_slot = self._scan_ivf(q, qc, qscale, plan, k_scan, p, stats)
+            cand_s, cand_slot = self._scan_ivf(q, qc, qscale, plan, k_scan, p, stats, k_rows)
         stats.candidates = int((cand_slot >= 0).sum())
         if need_verify:
             cand_s, cand_slot = select(cand_s, k_scan, cand_slot)
@@ -194,6 +223,20 @@ class ItemIndex(nn.Module):
         ids = torch.where(slots >= 0, ivf.slot_ids[slots.clamp_min(0)], -1)
         self.last_stats = stats
         return scores, ids, stats
+
+    @property
+    def has_histograms(self) -> bool:
+        """True when selectivity-aware probing can run (histograms present and non-empty)."""
+        h = self.selectivity
+        return h is not None and h.counts.shape[0] == self.ivf.nlist + 1 and h.counts.shape[1] > 0
+
+    def refresh_histograms(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
+        """(Re)build the per-cluster histograms from the current layout and eligibility sets."""
+        if self.eligibility is None:
+            raise ValueError("histograms need an eligibility index (the index has no attributes)")
+        self.selectivity = ClusterHistogram.build(self.ivf.cluster_offsets, self.ivf.live_words,
+                                                  self.eligibility, self.ivf.nlist,
+                                                  budget_bytes=budget_bytes)
 
     # ----------------------------------------------------------------------------- helpers
     @staticmethod
@@ -225,20 +268,35 @@ class ItemIndex(nn.Module):
         return filt
 
     def _scan_ivf(self, q: Tensor, qc: Tensor, qscale: Tensor, plan: Any, k_scan: Tensor,
-                  p: SearchParams, stats: SearchStats) -> tuple[Tensor, Tensor]:
+                  p: SearchParams, stats: SearchStats, k_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ivf = self.ivf
-        probes = ivf.probe(q, p.nprobe)  # (B, P)
+        off = ivf.cluster_offsets
+        if p.nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {p.nprobe}")
+        if p.min_candidates_factor < 0 or p.max_nprobe < 0:
+            raise ValueError("min_candidates_factor and max_nprobe must be >= 0, got "
+                             f"{p.min_candidates_factor} and {p.max_nprobe}")
+        if plan is not None and p.min_candidates_factor > 0 and self.has_histograms:
+            probes = probe_for_filter(q, ivf.centroids, off, ivf.live_words, self.selectivity,
+                                      self.eligibility.feat_info, plan, p.nprobe,
+                                      k_scan if k_rows is None else k_rows,
+                                      p.min_candidates_factor, p.max_nprobe)
+            if bool((probes < 0).any()):  # padding -> one extra, empty cluster after the last
+                probes = torch.where(probes < 0, off.numel() - 1, probes)
+                off = torch.cat([off, off[-1:]])
+        else:
+            probes = ivf.probe(q, p.nprobe)  # (B, P)
         if ivf.has_fresh:  # the fresh cluster (streaming updates) is always scanned, when non-empty
-            off = ivf.cluster_offsets
-            if int(off[-1]) > int(off[-2]):
+            fo = ivf.cluster_offsets
+            if int(fo[-1]) > int(fo[-2]):
                 probes = torch.cat([probes, torch.full_like(probes[:, :1], ivf.nlist)], dim=1)
         pair_words = None
         if plan is not None:
-            pair_words, stats.words_evaluated = self._probed_words(plan, probes)
+            pair_words, stats.words_evaluated = self._probed_words(plan, probes, off)
         engine = p.engine
         if engine == "auto":
             engine = "triton" if q.is_cuda else ("ext" if _ext_usable(ivf) else "fast")
-        args = (ivf.vectors, ivf.scales, ivf.cluster_offsets, ivf.live_words, qc, qscale, probes)
+        args = (ivf.vectors, ivf.scales, off, ivf.live_words, qc, qscale, probes)
         if engine == "ext":
             from .scan_cpu_ext import scan_ext
 
@@ -254,7 +312,7 @@ class ItemIndex(nn.Module):
         return scan_fast(*args, k_scan.to(q.device), pair_words,
                          engine=p.int8_engine, stats=stats.scan)
 
-    def _probed_words(self, plan: Any, probes: Tensor) -> tuple[Tensor, int]:
+    def _probed_words(self, plan: Any, probes: Tensor, off: Tensor | None = None) -> tuple[Tensor, int]:
         """Eligibility words of each probed cluster: ``(B, P, Wc) int64`` and how many were computed
         (summed over queries, as if every query evaluated its own clusters).
 
@@ -263,7 +321,7 @@ class ItemIndex(nn.Module):
         word run (``EligibilityIndex.evaluate_runs``: fused on CPU, else buckets of similar length), so
         the padding to the largest cluster (``Wc``) is paid only when the bits are handed to the scan.
         """
-        off = self.ivf.cluster_offsets
+        off = self.ivf.cluster_offsets if off is None else off
         dev = off.device
         B, P = probes.shape
         nlist = off.numel() - 1

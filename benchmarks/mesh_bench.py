@@ -80,7 +80,9 @@ def synthetic_1m_artifact(items: int = 1_000_000, nlist: int = 1024) -> Path:
     if not (out / "manifest.json").exists() or not Path(f"{out}.filters.json").exists():
         from benchmarks.mesh.artifacts import synthetic_artifact
 
-        synthetic_artifact(out, num_items=items, nlist=nlist)
+        # filtered requests probe until ~2 k eligible items are in reach (docs/index.md "Filtered
+        # recall"); the mesh's ANN service reads the same knob from the artifact and probes alike
+        synthetic_artifact(out, num_items=items, nlist=nlist, min_candidates_factor=2.0)
     return out
 
 

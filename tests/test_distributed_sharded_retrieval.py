@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -411,3 +412,13 @@ def test_a_silent_peer_ends_at_the_timeout_with_a_clear_error(launch: dict) -> N
     assert hung["type"] == "ShardPeerError", hung
     assert f"timeout {HUNG_TIMEOUT_S:g}s" in hung["msg"] and "rank 0 of 2" in hung["msg"]
     assert hung["healthy"] is False
+
+
+def test_selectivity_aware_probing_is_refused_not_silently_ignored(base: RetrievalModel) -> None:
+    """The shards hold only their own clusters' histograms: a config that probes by selectivity
+    would make the sharded answer differ from the unsharded one, so it is refused by name."""
+    shards, a = split_index(base.index, 2)
+    model = copy.copy(base)
+    model.config = dataclasses.replace(base.config, min_candidates_factor=2.0)
+    with pytest.raises(ValueError, match="min_candidates_factor"):
+        ShardedRetrievalModel.from_model(model, shards[0], a, rank=0)

@@ -225,6 +225,13 @@ class ShardedRetrievalModel(nn.Module):
                 or off.numel() > global_offsets.numel():
             raise ValueError(f"global_offsets must be (C+1,) or (C+2,) with C={C} and cover the "
                              f"shard's {off.numel()} offsets, got {tuple(global_offsets.shape)}")
+        if config.min_candidates_factor > 0:
+            # every rank would need the GLOBAL per-cluster histogram to probe the clusters the
+            # unsharded model probes; until it has one, refuse rather than answer differently
+            raise ValueError(
+                f"selectivity-aware probing (retrieval.min_candidates_factor="
+                f"{config.min_candidates_factor}) is not supported by the sharded model yet: "
+                "export the sharded artifact from a config with min_candidates_factor = 0")
         dim = shard.ivf.dim
         if getattr(user_tower, "output_dim", dim) != dim:
             raise ValueError(f"user tower outputs {user_tower.output_dim} dims, the shard holds {dim}")

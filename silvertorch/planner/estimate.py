@@ -82,6 +82,9 @@ class CostModel(Estimator):
             "eligibility.table": frac * desc.num_words * 8 * desc.filter_terms * per_term,
             "eligibility.csr": cand["eligibility.csr"],
             "eligibility.csc": 0.0,
+            # selectivity-aware probing reads one histogram column per filter term, every cluster
+            "index.selectivity": (desc.nlist + 1) * desc.filter_terms * 4.0
+            if getattr(desc.retrieval, "min_candidates_factor", 0.0) > 0 and desc.filter_terms else 0.0,
             "overarch.embeddings": kp * sum(cards_vals[f] for f in oa.item_features)
             * oa.feature_embedding_dim * 4,
         }

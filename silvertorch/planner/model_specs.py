@@ -22,6 +22,7 @@ from torch import nn
 
 from silvertorch.config import ConfigError, check, from_dict
 from silvertorch.index.eligibility import EligibilityConfig
+from silvertorch.index.selectivity import DEFAULT_BUDGET_BYTES as HISTOGRAM_BUDGET_BYTES
 from silvertorch.model import RetrievalConfig, TwoTowerConfig
 from silvertorch.modules.towers import ItemTower, UserTower
 from silvertorch.planner.types import TensorSpec
@@ -348,6 +349,16 @@ def model_specs(desc: ModelDescription, towers: nn.Module | None = None) -> list
                    bytes=int(bloom_nnz * 8 + (bloom_values + n_feat) * 8), shardable=True,
                    note="Bloom value postings (exact negation)"),
     ]
+    if desc.attributes:
+        # silvertorch.index.selectivity.ClusterHistogram: (C + 1, T) int32 counts over the
+        # features taken by ascending cardinality while they fit its budget, + col_base (F,) int64
+        cols = 0
+        for card in sorted(a.cardinality for a in desc.attributes):
+            if (desc.nlist + 1) * (cols + card) * 4 <= HISTOGRAM_BUDGET_BYTES:
+                cols += card
+        specs.append(TensorSpec(
+            name="index.selectivity", kind="index", bytes=(desc.nlist + 1) * cols * 4 + n_feat * 8,
+            shardable=True, note=f"({desc.nlist + 1}, {cols}) int32 per-cluster value counts"))
     for name, nbytes in sorted(_dense_param_bytes(desc, towers).items()):
         specs.append(TensorSpec(name=name, kind="dense", bytes=int(nbytes), hot=True))
     for tower_name in ("user_tower", "item_tower"):

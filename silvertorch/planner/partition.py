@@ -73,6 +73,8 @@ class TorchRecPartitioner(Partitioner):
             elif s.bytes_per_query > 0:
                 scope = " (whole catalog)" if s.shardable else ""
                 reason = f"device: {s.bytes_per_query / 1e6:.3g} MB read per query{scope}"
+            elif s.name == "index.selectivity":
+                reason = "device: read per filtered query only with retrieval.min_candidates_factor > 0"
             elif s.kind == "dense":
                 reason = "device: used by item updates (the item tower), not by queries"
             else:

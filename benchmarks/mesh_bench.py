@@ -224,7 +224,7 @@ def run(quick: bool, out_dir: Path, *, include_1m: bool | None = None, include_1
                     and x["filter"] == r["filter"] and x["system"].startswith("SilverTorch"))
         r["speedup"] = base["rps"] / r["rps"] if r["rps"] else float("nan")
     command = ("python -m benchmarks.mesh_bench" + (" --quick" if quick else "")
-               + (" --with-1m" if quick and with_1m else "") + (" --with-10m" if quick and with_10m else ""))
+               + (" --with-1m" if quick and with_1m else "") + (" --with-10m" if with_10m else ""))
     result = {"quick": quick, "command": command, "machine": machine_info(), "load_avg_at_start": load_avg,
               "settings": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
                            "threads": settings.threads, "concurrency": concurrency, "repeats": repeats,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from silvertorch.modules.overarch import JaggedIds, OverArch
+from silvertorch.modules.overarch import JaggedIds, OverArch, pair_features
 
 __all__ = ["TABLE_PREFIX", "table_name", "strip_padding", "ShardableOverArch", "overarch_state"]
 
@@ -106,16 +106,8 @@ class ShardableOverArch(nn.Module):
     def forward(self, query: Tensor, items: Tensor, item_features: Mapping[str, JaggedIds]) -> Tensor:
         """Same contract as :meth:`OverArch.forward`: ``query (B, D)``, ``items (B, K, D) f32``,
         jagged ids of the ``B*K`` candidates per feature -> ``(B, K, T) f32`` logits."""
-        if query.dim() != 2 or items.dim() != 3 or items.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"OverArch expects query (B, D) and items (B, K, D), got "
-                f"{tuple(query.shape)} and {tuple(items.shape)}"
-            )
-        if query.shape[1] != self.query_dim or items.shape[2] != self.query_dim:
-            raise ValueError(f"OverArch was built for D={self.query_dim}, got {tuple(items.shape)}")
-        B, K, D = items.shape
-        q = query.unsqueeze(1).expand(B, K, D)
-        parts = [q, items, q * items, (q * items).sum(-1, keepdim=True)]
+        parts = pair_features(query, items, self.query_dim)
+        B, K, _ = items.shape
         if self.tables is not None:
             kjt = strip_padding(item_features, self.cardinalities, B * K)
             pooled = self.tables(kjt.to(items.device)).to_dict()

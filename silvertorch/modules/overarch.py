@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from silvertorch.config import check
 from silvertorch.modules.mlp import MLP
 
-__all__ = ["OverArchConfig", "OverArch", "JaggedIds"]
+__all__ = ["OverArchConfig", "OverArch", "JaggedIds", "pair_features"]
 
 JaggedIds = tuple[Tensor, Tensor]  # (offsets (B*K+1,) int64, values (nnz,) int64)
 
@@ -58,6 +58,21 @@ class OverArchConfig:
             "feature_embedding_dim", f"> 0, got {self.feature_embedding_dim}",
         )
         check(0.0 <= self.dropout < 1.0, "dropout", f"in [0, 1), got {self.dropout}")
+
+
+def pair_features(query: Tensor, items: Tensor, query_dim: int) -> list[Tensor]:
+    """The (query, candidate) part of the OverArch input, checked: ``[q, e, q * e, <q, e>]``, each
+    ``(B, K, .)``, from ``query (B, D)`` and ``items (B, K, D)`` (``D = query_dim``)."""
+    if query.dim() != 2 or items.dim() != 3 or items.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"OverArch expects query (B, D) and items (B, K, D), got "
+            f"{tuple(query.shape)} and {tuple(items.shape)}"
+        )
+    if query.shape[1] != query_dim or items.shape[2] != query_dim:
+        raise ValueError(f"OverArch was built for D={query_dim}, got {tuple(items.shape)}")
+    B, K, D = items.shape
+    q = query.unsqueeze(1).expand(B, K, D)
+    return [q, items, q * items, (q * items).sum(-1, keepdim=True)]
 
 
 class OverArch(nn.Module):
@@ -128,16 +143,8 @@ class OverArch(nn.Module):
         Returns:
             ``(B, K, T) float32`` logits, ``T = len(config.tasks)``.
         """
-        if query.dim() != 2 or items.dim() != 3 or items.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"OverArch expects query (B, D) and items (B, K, D), got "
-                f"{tuple(query.shape)} and {tuple(items.shape)}"
-            )
-        if query.shape[1] != self.query_dim or items.shape[2] != self.query_dim:
-            raise ValueError(f"OverArch was built for D={self.query_dim}, got {tuple(items.shape)}")
-        B, K, D = items.shape
-        q = query.unsqueeze(1).expand(B, K, D)
-        parts = [q, items, q * items, (q * items).sum(-1, keepdim=True)]
+        parts = pair_features(query, items, self.query_dim)
+        B, K, _ = items.shape
         for name in self.feature_names:
             if name not in item_features:
                 raise KeyError(f"OverArch needs item feature '{name}' (has {sorted(item_features)})")

@@ -29,7 +29,7 @@ import torch
 from silvertorch.config import from_dict
 from silvertorch.data.dataset import EntityTable, Interactions, RecDataset
 from silvertorch.index.attributes import Attribute, ItemAttributes
-from tests.test_distributed_train import _ok, launch
+from tests.test_distributed_train import _ok, launch, tower_spec
 from train.config import TrainConfig
 
 NUM_USERS, NUM_ITEMS, GROUPS, TAGS = 40, 48, 4, 6
@@ -76,20 +76,10 @@ def make_config(out_dir: Path, max_steps: int) -> TrainConfig:
     """Adagrad, no dropout, uniform negatives, learnable temperature, int8 index, hard negatives:
     every gradient path of the joint step. ``head_rows`` 24 of 32 spans both ranks' rows."""
 
-    def tower(prefix: str, second: str) -> dict:
-        return {
-            "features": [f"{prefix}_id", second],
-            "tables": [
-                {"name": f"{prefix}_id", "features": [f"{prefix}_id"], "embedding_dim": 8},
-                {"name": second, "features": [second], "embedding_dim": 4},
-            ],
-            "mlp_dims": [16, 8],
-        }
-
     raw = {
         "model": {
-            "user_tower": tower("user", "segment"),
-            "item_tower": tower("item", "genre"),
+            "user_tower": tower_spec("user", "segment"),
+            "item_tower": tower_spec("item", "genre"),
             "learn_temperature": True,
             "temperature": 0.1,
             "loss": {"num_uniform_negatives": 8},

@@ -72,24 +72,26 @@ def grouped_dataset() -> RecDataset:
     return RecDataset("grouped", user_table, item_table, events(768), events(64))
 
 
+def tower_spec(prefix: str, second: str) -> dict:
+    """A small tower config: ``<prefix>_id`` (dim 8) and ``second`` (dim 4) tables, MLP [16, 8]."""
+    return {
+        "features": [f"{prefix}_id", second],
+        "tables": [
+            {"name": f"{prefix}_id", "features": [f"{prefix}_id"], "embedding_dim": 8},
+            {"name": second, "features": [second], "embedding_dim": 4},
+        ],
+        "mlp_dims": [16, 8],
+    }
+
+
 def make_config(out_dir: Path, max_steps: int) -> TrainConfig:
     """Adagrad (its sparse fused update equals the dense one), no dropout (masks differ per rank),
     8 uniform negatives and a learnable temperature (the replicated-gradient paths)."""
 
-    def tower(prefix: str, second: str) -> dict:
-        return {
-            "features": [f"{prefix}_id", second],
-            "tables": [
-                {"name": f"{prefix}_id", "features": [f"{prefix}_id"], "embedding_dim": 8},
-                {"name": second, "features": [second], "embedding_dim": 4},
-            ],
-            "mlp_dims": [16, 8],
-        }
-
     raw = {
         "model": {
-            "user_tower": tower("user", "segment"),
-            "item_tower": tower("item", "genre"),
+            "user_tower": tower_spec("user", "segment"),
+            "item_tower": tower_spec("item", "genre"),
             "learn_temperature": True,
             "temperature": 0.1,
             "loss": {"num_uniform_negatives": 8},

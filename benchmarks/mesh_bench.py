@@ -3,8 +3,8 @@
 
 ``python -m benchmarks.mesh_bench [--quick] [--out docs]`` -> ``benchmarks_mesh.md`` + ``.png``.
 
-For every workload (MovieLens-100k artifact; the 1M-item synthetic artifact in full mode, the 10M
-one with ``--with-10m``),
+For every workload (MovieLens-100k artifact; the 1M- and 10M-item synthetic artifacts in full mode,
+``--no-10m`` leaves the 10M one out; ``--quick --with-1m`` adds the 1M one to a quick run),
 every ``k`` (100, 1000; 10000 in full mode where the catalog allows) and with / without filters:
 
 - **recall@k**: each system's answer at the artifact's default ``nprobe`` against the same
@@ -27,6 +27,7 @@ report says so.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -74,7 +75,7 @@ def movielens_artifact() -> Path:
     return out
 
 
-def synthetic_1m_artifact(items: int = 1_000_000, nlist: int = 1024) -> Path:
+def synthetic_catalog_artifact(items: int = 1_000_000, nlist: int = 1024) -> Path:
     """The synthetic catalog artifact (cached; built once, a few minutes on 2 cores for 1M items).
     Delete ``CACHE/synthetic_<items>`` to rebuild it after the artifact format changes."""
     out = CACHE / f"synthetic_{items}"
@@ -104,9 +105,12 @@ def workload(path: Path, n: int, seed: int = 0) -> dict[str, Any]:
 
     art = load_artifact(path, verify=False)
     ivf = art.model.index.ivf
-    return {"users": users, "filters": filters, "nlist": ivf.nlist, "nprobe": art.model.config.nprobe,
-            "items": art.model.num_items, "max_k": art.model.config.max_k, "dtype": str(ivf.storage_dtype),
-            "k_prime": art.model.config.k_prime, "config": cfg.get("run", {})}
+    out = {"users": users, "filters": filters, "nlist": ivf.nlist, "nprobe": art.model.config.nprobe,
+           "items": art.model.num_items, "max_k": art.model.config.max_k, "dtype": str(ivf.storage_dtype),
+           "k_prime": art.model.config.k_prime, "config": cfg.get("run", {})}
+    del art, ivf  # the servers hold their own copies; at 10M this one would be GBs of dead weight
+    gc.collect()
+    return out
 
 
 def bodies(wl: dict[str, Any], k: int, filtered: bool, nprobe: int | None = None) -> list[bytes]:
@@ -142,6 +146,14 @@ def _window(url: str, reqs: list[bytes], duration: float, warmup: float, concurr
                     warmup_s=warmup).summary()
 
 
+CONCURRENCY = 32
+
+
+def _windows(quick: bool) -> tuple[int, float, float]:
+    """(repeats, seconds per window, warm-up seconds) of the load windows."""
+    return (3, 2.0, 0.5) if quick else (3, 4.0, 1.0)
+
+
 def _summarize(windows: list[dict[str, float]]) -> dict[str, float]:
     """The median window (by req/s) and the spread of req/s over the windows."""
     repeats = len(windows)
@@ -153,27 +165,39 @@ def _summarize(windows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def run(quick: bool, out_dir: Path, *, include_1m: bool | None = None, include_10m: bool | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, json_path: Path | None = None) -> dict:
     """Run the comparison (see module doc); writes ``out_dir/benchmarks_mesh.md`` and ``.png``.
-    ``include_1m`` / ``include_10m``: the synthetic catalogs (default: in full mode only)."""
+    ``include_1m`` / ``include_10m``: the synthetic catalogs (default: in full mode only).
+
+    The report (and ``json_path``, when given) is rewritten after every workload, so a run that dies
+    in a later workload (the 10M catalog needs ~12 GiB to build) keeps the rows measured before it."""
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = MeshSettings.like_server()
-    repeats, duration, warmup = (3, 2.0, 0.5) if quick else (3, 4.0, 1.0)
-    concurrency, n_users, n_recall = 32, 256, 24 if quick else 64
-    paths = {"MovieLens-100k": movielens_artifact()}
+    repeats, duration, warmup = _windows(quick)
+    concurrency, n_users, n_recall = CONCURRENCY, 256, 24 if quick else 64
+    paths: dict[str, Any] = {"MovieLens-100k": movielens_artifact}
     with_1m = include_1m if include_1m is not None else not quick
-    # opt-in only: generating the 10M catalog inside the suite process, after the scaling section's
-    # own 10M index, ran a 24 GiB machine out of memory; run it alone with --with-10m
-    with_10m = bool(include_10m)
+    # the suite runs this benchmark in a child process of its own (benchmarks.suite_sections), so the
+    # 10M build starts from an empty heap: inside the suite process, after the scaling section's own
+    # 10M index, it once ran the 24 GiB machine out of memory
+    with_10m = include_10m if include_10m is not None else not quick
     for name, (items, nlist) in SYNTHETIC.items():
         if (with_1m and items == 1_000_000) or (with_10m and items == 10_000_000):
-            paths[name] = synthetic_1m_artifact(items, nlist)
+            paths[name] = (lambda i=items, n=nlist: synthetic_catalog_artifact(i, n))
     load_avg = os.getloadavg()
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    for name, path in paths.items():
+    for name, build in paths.items():
+        # built (or read from the cache) when its turn comes: a catalog that cannot be built is a
+        # note in the report, the workloads before it keep their rows
+        try:
+            path = build()
+        except (Exception, MemoryError) as err:  # noqa: BLE001 - reported, the run goes on
+            notes.append(f"{name}: the artifact could not be built ({type(err).__name__}: {str(err)[:200]}); "
+                         "not measured")
+            continue
         wl = workload(path, n_users)
         ks = [k for k in ((100, 1000) if quick else (100, 1000, 10_000)) if k <= min(wl["items"], wl["max_k"])]
         s = MeshSettings.like_server(max_k=max(ks + [settings.max_k]))
@@ -219,20 +243,37 @@ def run(quick: bool, out_dir: Path, *, include_1m: bool | None = None, include_1
         finally:
             for sys_ in systems.values():
                 sys_.stop()
+        _write(_result(quick, with_1m, with_10m, settings, load_avg, rows, notes, t_start), out_dir, json_path)
+    result = _result(quick, with_1m, with_10m, settings, load_avg, rows, notes, t_start)
+    _write(result, out_dir, json_path)
+    return result
+
+
+def _result(quick: bool, with_1m: bool, with_10m: bool, settings: MeshSettings, load_avg: tuple[float, ...],
+            rows: list[dict[str, Any]], notes: list[str], t_start: float) -> dict:
+    """The result dict of the rows measured so far (speed-ups against SilverTorch's row filled in)."""
     for r in rows:
         base = next(x for x in rows if x["workload"] == r["workload"] and x["k"] == r["k"]
                     and x["filter"] == r["filter"] and x["system"].startswith("SilverTorch"))
         r["speedup"] = base["rps"] / r["rps"] if r["rps"] else float("nan")
     command = ("python -m benchmarks.mesh_bench" + (" --quick" if quick else "")
-               + (" --with-1m" if quick and with_1m else "") + (" --with-10m" if with_10m else ""))
-    result = {"quick": quick, "command": command, "machine": machine_info(), "load_avg_at_start": load_avg,
-              "settings": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
-                           "threads": settings.threads, "concurrency": concurrency, "repeats": repeats,
-                           "duration_s": duration, "warmup_s": warmup},
-              "rows": rows, "notes": notes, "seconds": time.perf_counter() - t_start}
+               + (" --with-1m" if quick and with_1m else "")
+               + (" --with-10m" if quick and with_10m else "") + (" --no-10m" if not quick and not with_10m else ""))
+    return {"quick": quick, "command": command, "machine": machine_info(), "load_avg_at_start": load_avg,
+            "settings": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
+                         "threads": settings.threads, "concurrency": CONCURRENCY, "repeats": _windows(quick)[0],
+                         "duration_s": _windows(quick)[1], "warmup_s": _windows(quick)[2]},
+            "rows": rows, "notes": notes, "seconds": time.perf_counter() - t_start}
+
+
+def _write(result: dict, out_dir: Path, json_path: Path | None) -> None:
+    """Report + plot (+ the JSON the suite reads), each replaced atomically."""
     result["md"] = str(write_report(result, out_dir))
     result["png"] = str(plot(result, out_dir))
-    return result
+    if json_path is not None:
+        tmp = Path(f"{json_path}.tmp")
+        tmp.write_text(json.dumps(result, default=float))  # NaN survives (orjson would write null)
+        os.replace(tmp, json_path)
 
 
 # -------------------------------------------------------------------------------------- report
@@ -320,10 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="MovieLens only, k in {100, 1000}, short windows")
     p.add_argument("--out", default=str(ROOT / "docs"), help="directory for benchmarks_mesh.md / .png")
     p.add_argument("--with-1m", action="store_true", help="include the 1M synthetic catalog in quick mode")
-    p.add_argument("--with-10m", action="store_true", help="include the 10M synthetic catalog (~12 GiB to build)")
+    ten = p.add_mutually_exclusive_group()
+    ten.add_argument("--with-10m", action="store_true",
+                     help="include the 10M synthetic catalog in quick mode (~12 GiB to build)")
+    ten.add_argument("--no-10m", action="store_true", help="leave the 10M synthetic catalog out of a full run")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON (the suite reads it)")
     args = p.parse_args(argv)
     res = run(args.quick, Path(args.out), include_1m=True if args.with_1m else None,
-              include_10m=True if args.with_10m else None)
+              include_10m=True if args.with_10m else False if args.no_10m else None, json_path=args.json)
     print(f"wrote {res['md']} and {res['png']} in {res['seconds']:.0f} s")
     return 0
 

@@ -180,3 +180,70 @@ def test_gpu_bench_runs_its_cpu_rows_without_a_gpu(capsys) -> None:
     cpu = [r for r in rows if r["device"] == "cpu"]
     assert len(cpu) == 1 and _num(cpu[0]["queries/s"]) > 0
     assert 0.5 <= _num(cpu[0]["recall@k"]) <= 1.0  # nprobe 4 of 16 lists on clustered data
+
+
+def _fake_mesh_child(monkeypatch, *, returncode: int, rows: list[dict] | None) -> list[list[str]]:
+    """Replace the mesh benchmark's child process by one that writes ``rows`` (None: nothing) to the
+    JSON path it is given and exits with ``returncode``; returns the commands it was called with."""
+    import json
+    import subprocess
+
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        if rows is not None:
+            out = cmd[cmd.index("--json") + 1]
+            Path(out).write_text(json.dumps({"command": "python -m benchmarks.mesh_bench", "md": "x/benchmarks_mesh.md",
+                                             "png": "x/benchmarks_mesh.png", "rows": rows, "notes": ["n1"],
+                                             "load_avg_at_start": [0.1, 0.2, 0.3]}))
+        return subprocess.CompletedProcess(cmd, returncode)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    return calls
+
+
+MESH_ROW = {"workload": "synthetic 1M", "items": 1_000_000, "k": 1000, "filter": True, "system": "SilverTorch",
+            "recall": 0.9, "agree": 1.0, "rps": 400.0, "rps_spread": float("nan"), "p50_ms": 70.0, "p99_ms": 90.0,
+            "errors": 0, "speedup": 1.0}
+
+
+def test_mesh_section_runs_in_a_child_and_keeps_rows_of_a_child_that_died(tmp_path: Path, monkeypatch) -> None:
+    from benchmarks.suite_sections import mesh_section
+
+    calls = _fake_mesh_child(monkeypatch, returncode=0, rows=[MESH_ROW])
+    data = mesh_section(SuiteContext("full", tmp_path, log=lambda *_: None, show_progress=False))
+    assert calls[0][1:3] == ["-m", "benchmarks.mesh_bench"] and "--quick" not in calls[0]
+    assert data["rows"][0]["rps"] == 400.0 and math.isnan(data["rows"][0]["rps_spread"])
+    assert data["notes"] == ["n1"] and data["report"] == "benchmarks_mesh.md"
+
+    # killed (e.g. out of memory in the 10M workload) after one workload: rows kept, the end named
+    calls = _fake_mesh_child(monkeypatch, returncode=-9, rows=[MESH_ROW])
+    data = mesh_section(SuiteContext("quick", tmp_path, log=lambda *_: None, show_progress=False))
+    assert "--quick" in calls[0] and len(data["rows"]) == 1
+    assert "killed by signal 9" in data["notes"][-1]
+
+    # died before any workload: the section fails with the status
+    _fake_mesh_child(monkeypatch, returncode=3, rows=None)
+    with pytest.raises(RuntimeError, match="status 3 before measuring any workload"):
+        mesh_section(SuiteContext("quick", tmp_path, log=lambda *_: None, show_progress=False))
+
+
+def test_mesh_bench_writes_report_and_json_as_it_goes(tmp_path: Path) -> None:
+    """The mesh benchmark's partial result (what the suite reads back) survives NaN and renders."""
+    import json
+    import time
+
+    from benchmarks import mesh_bench
+    from benchmarks.mesh.settings import MeshSettings
+
+    mesh_row = {**MESH_ROW, "system": "mesh IVF-Flat", "rps": 100.0}
+    res = mesh_bench._result(False, True, False, MeshSettings.like_server(), (0.1, 0.2, 0.3),
+                             [dict(MESH_ROW), mesh_row], ["a note"], time.perf_counter())
+    assert res["command"] == "python -m benchmarks.mesh_bench --no-10m"
+    mesh_bench._write(res, tmp_path, tmp_path / "m.json")
+    back = json.loads((tmp_path / "m.json").read_text())
+    assert back["rows"][1]["speedup"] == pytest.approx(4.0) and math.isnan(back["rows"][0]["rps_spread"])
+    md = (tmp_path / "benchmarks_mesh.md").read_text()
+    assert "mesh IVF-Flat: 4.00x (recall 0.900)" in md and "- a note" in md
+    assert (tmp_path / "benchmarks_mesh.png").stat().st_size > 1000

@@ -37,6 +37,47 @@ def test_component_multi_host_and_gpu() -> None:
     assert "--rdzv_endpoint $${${rank0_env}:=localhost}:29500" in role.args[1]
 
 
+def _dryrun(scheduler: str, cfg: dict):
+    """torchx's dry run of the 2-host GPU job on ``scheduler``: what it would submit (no cluster)."""
+    from torchx.runner import get_runner
+
+    app = train(nnodes=2, nproc_per_node=8, device="cuda", gpu=8, max_restarts=2, image="repo/st:1",
+                checkpoint_dir="/shared/ckpt", python="/shared/st/.venv/bin/python")
+    with get_runner() as runner:
+        return runner.dryrun(app, scheduler, cfg=cfg)
+
+
+def test_same_component_on_slurm_without_code_changes() -> None:
+    script = str(_dryrun("slurm", {"partition": "gpu", "time": "04:00:00"}))
+    # one heterogeneous group per host, 8 GPUs each, the partition and time limit passed through
+    assert script.count("#SBATCH --job-name=trainer-") == 2 and "#SBATCH hetjob" in script
+    assert "--partition=gpu --time=04:00:00" in script and "--gpus-per-task=8" in script
+    # every host runs torchrun meeting at the first host's address, then the entry point on nccl
+    assert script.count("--rdzv_endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500") == 2
+    assert script.count("/shared/st/.venv/bin/python -m torch.distributed.run") == 2
+    assert "--nnodes 2 --nproc_per_node 8 --max_restarts 2" in script
+    assert "-m launch.train_dist" in script and "--checkpoint-dir /shared/ckpt train.device=cuda" in script
+
+
+def test_same_component_on_kubernetes_without_code_changes() -> None:
+    import re
+
+    pytest.importorskip("kubernetes")  # requirements/cpu.txt installs it; the client only, no cluster
+    job = _dryrun("kubernetes", {"queue": "default", "namespace": "ml"}).request.resource
+    # a Volcano job in the queue, one task (pod) per host, each with the image and 8 GPUs
+    assert job["kind"] == "Job" and job["spec"]["schedulerName"] == "volcano" and job["spec"]["queue"] == "default"
+    tasks = job["spec"]["tasks"]
+    assert [t["name"] for t in tasks] == ["trainer-0", "trainer-1"]
+    for task in tasks:
+        (container,) = task["template"].spec.containers
+        assert container.image == "repo/st:1" and container.resources.limits["nvidia.com/gpu"] == "8"
+        cmd = container.command[-1]
+        # torchrun on every host, meeting at the first host's address that the scheduler exports
+        assert re.search(r"--rdzv_endpoint \$\{\w+:=localhost\}:29500 ", cmd), cmd
+        assert "--nnodes 2 --nproc_per_node 8 --max_restarts 2" in cmd
+        assert "-m launch.train_dist" in cmd and cmd.endswith("train.device=cuda")
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -41,6 +41,7 @@ import orjson
 
 from benchmarks.common import machine_info, md_table
 from benchmarks.mesh.client import fetch_all, run_load
+from benchmarks.mesh.cpu_accounting import measure_cpu
 from benchmarks.mesh.launcher import Mesh, MeshStartError, SilverTorchServer, StandIn
 from benchmarks.mesh.settings import MeshSettings
 
@@ -140,10 +141,15 @@ def _overlap(a: list[list[str]], b: list[list[str]]) -> float:
 
 
 # ----------------------------------------------------------------------------------------- run
-def _window(url: str, reqs: list[bytes], duration: float, warmup: float, concurrency: int) -> dict[str, float]:
-    host, port = url.split("://")[1].split(":")
-    return run_load(host, int(port), reqs, concurrency=concurrency, duration_s=duration,
-                    warmup_s=warmup).summary()
+def _window(system: Any, reqs: list[bytes], duration: float, warmup: float, concurrency: int) -> dict[str, Any]:
+    """One load window against ``system``, with the CPU milliseconds per request that each of its
+    processes and the load generator spent over the whole call (warm-up included, divided by every
+    response of the call)."""
+    host, port = system.url.split("://")[1].split(":")
+    res, cpu = measure_cpu(system.roles, lambda: run_load(host, int(port), reqs, concurrency=concurrency,
+                                                          duration_s=duration, warmup_s=warmup))
+    n = max(res.completed_total, 1)
+    return {**res.summary(), "cpu_ms": {role: s * 1000.0 / n for role, s in cpu.items()}}
 
 
 CONCURRENCY = 32
@@ -160,7 +166,9 @@ def _summarize(windows: list[dict[str, float]]) -> dict[str, float]:
     rps = [w["rps"] for w in windows]
     med = sorted(windows, key=lambda w: w["rps"])[len(windows) // 2]
     spread = (max(rps) - min(rps)) / med["rps"] if med["rps"] and repeats > 1 else float("nan")
-    return {**med, "rps_spread": spread,
+    # CPU per request: the median over the windows, role by role
+    cpu = {role: statistics.median(w["cpu_ms"][role] for w in windows) for role in med.get("cpu_ms", {})}
+    return {**med, "cpu_ms": cpu, "rps_spread": spread,
             "errors": sum(w["errors"] for w in windows), "repeats": repeats}
 
 
@@ -228,7 +236,7 @@ def run(quick: bool, out_dir: Path, *, include_1m: bool | None = None, include_1
                     windows: dict[str, list[dict[str, float]]] = {n: [] for n in systems}
                     for _ in range(repeats):
                         for n, sys_ in systems.items():
-                            windows[n].append(_window(sys_.url, reqs, duration, warmup, concurrency))
+                            windows[n].append(_window(sys_, reqs, duration, warmup, concurrency))
                     for n, sys_ in systems.items():
                         truth = _ids(fetch_all(sys_.url + "/v1/retrieve", exact))
                         rows.append({"workload": name, "items": wl["items"], "k": k, "filter": filtered,
@@ -309,6 +317,7 @@ def write_report(res: dict, out_dir: Path) -> Path:
         table, "",
         "![req/s and p99](benchmarks_mesh.png)", "",
     ]
+    lines += _cpu_section(res)
     target = [r for r in res["rows"] if r["workload"] == "synthetic 1M" and r["k"] == 1000
               and r["filter"] and r["system"].startswith("mesh")]
     if target:
@@ -323,6 +332,34 @@ def write_report(res: dict, out_dir: Path) -> Path:
     path = out_dir / "benchmarks_mesh.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _cpu_section(res: dict) -> list[str]:
+    """Where the CPU goes: ms of CPU per request of every process (from ``/proc``, the median over
+    the windows), the load generator included, and what that total allows on this many cores."""
+    rows = [r for r in res["rows"] if r.get("cpu_ms")]
+    if not rows:
+        return []
+    cores = os.cpu_count() or 1
+    table = []
+    for r in rows:
+        cpu = r["cpu_ms"]
+        servers = {k: v for k, v in cpu.items() if k != "client"}
+        total = sum(cpu.values())
+        table.append([r["workload"], r["k"], "yes" if r["filter"] else "no", r["system"],
+                      " + ".join(f"{k} {v:.2f}" for k, v in servers.items()), sum(servers.values()),
+                      cpu.get("client", float("nan")), total, cores * 1000.0 / total if total > 0 else float("nan"),
+                      r["rps"]])
+    return [
+        "## Where the CPU goes", "",
+        f"CPU milliseconds per request of every process that serves it (user + system time from `/proc`, "
+        f"over each whole load call, divided by all its responses; the median over the windows), and of the "
+        f"load generator, which shares the {cores} cores. While the load keeps the cores busy, "
+        f"requests/s is close to {cores} cores x 1,000 / the total, so the ratio of two systems' totals "
+        "explains the ratio of their requests/s.", "",
+        md_table(["workload", "k", "filter", "system", "serving processes (CPU ms / request)", "serving total",
+                  "load generator", "total", f"{cores} cores / total (req/s)", "measured req/s"], table), "",
+    ]
 
 
 def plot(res: dict, out_dir: Path) -> Path:

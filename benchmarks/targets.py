@@ -188,6 +188,13 @@ def _suite_mesh(results: dict) -> Target:
             parts.append(f"the same model behind the mesh's own HTTP stack did {fmt(same['rps'])} req/s "
                          f"({same['rps'] / st['rps']:.2f}x `silvertorch serve`), so the server wrapper is not what "
                          "limits it")
+        if st.get("cpu_ms") and mesh.get("cpu_ms"):
+            a, b = sum(st["cpu_ms"].values()), sum(mesh["cpu_ms"].values())
+            gen = st["cpu_ms"].get("client", float("nan")), mesh["cpu_ms"].get("client", float("nan"))
+            parts.append(f"measured CPU per request (benchmarks_mesh.md, \"Where the CPU goes\"): SilverTorch "
+                         f"{a:.2f} ms, the mesh {b:.2f} ms, load generator included ({gen[0]:.2f} and {gen[1]:.2f} ms); "
+                         f"on saturated cores requests/s follow their ratio, {b / a:.2f}x: a 10x gap would need the "
+                         "mesh to spend 10x SilverTorch's CPU on a request")
         wrapper = same is not None and same["rps"] > 1.1 * st["rps"]
         parts.append("both systems run the same tower, scan and scoring on the same cores, so the mesh's extra "
                      "hops (three loopback calls, binary (de)serialization, process switches) can only cost what "

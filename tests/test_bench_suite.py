@@ -205,7 +205,7 @@ def _fake_mesh_child(monkeypatch, *, returncode: int, rows: list[dict] | None) -
 
 MESH_ROW = {"workload": "synthetic 1M", "items": 1_000_000, "k": 1000, "filter": True, "system": "SilverTorch",
             "recall": 0.9, "agree": 1.0, "rps": 400.0, "rps_spread": float("nan"), "p50_ms": 70.0, "p99_ms": 90.0,
-            "errors": 0, "speedup": 1.0}
+            "errors": 0, "speedup": 1.0, "cpu_ms": {"server": 3.0, "client": 1.0}}
 
 
 def test_mesh_section_runs_in_a_child_and_keeps_rows_of_a_child_that_died(tmp_path: Path, monkeypatch) -> None:
@@ -237,7 +237,8 @@ def test_mesh_bench_writes_report_and_json_as_it_goes(tmp_path: Path) -> None:
     from benchmarks import mesh_bench
     from benchmarks.mesh.settings import MeshSettings
 
-    mesh_row = {**MESH_ROW, "system": "mesh IVF-Flat", "rps": 100.0}
+    mesh_row = {**MESH_ROW, "system": "mesh IVF-Flat", "rps": 100.0,
+                "cpu_ms": {"user_tower": 1.0, "ann": 6.0, "scoring": 4.0, "orchestrator": 3.0, "client": 2.0}}
     res = mesh_bench._result(False, True, False, MeshSettings.like_server(), (0.1, 0.2, 0.3),
                              [dict(MESH_ROW), mesh_row], ["a note"], time.perf_counter())
     assert res["command"] == "python -m benchmarks.mesh_bench --no-10m"
@@ -246,4 +247,22 @@ def test_mesh_bench_writes_report_and_json_as_it_goes(tmp_path: Path) -> None:
     assert back["rows"][1]["speedup"] == pytest.approx(4.0) and math.isnan(back["rows"][0]["rps_spread"])
     md = (tmp_path / "benchmarks_mesh.md").read_text()
     assert "mesh IVF-Flat: 4.00x (recall 0.900)" in md and "- a note" in md
+    # where the CPU goes: per process, the serving total and the total with the load generator
+    cpu = _tables(md, "## Where the CPU goes")[0]
+    mesh = next(r for r in cpu[1:] if r[3] == "mesh IVF-Flat")
+    assert mesh[4] == "user_tower 1.00 + ann 6.00 + scoring 4.00 + orchestrator 3.00"
+    assert _num(mesh[5]) == 14 and _num(mesh[6]) == 2 and _num(mesh[7]) == 16
     assert (tmp_path / "benchmarks_mesh.png").stat().st_size > 1000
+
+
+def test_mesh_target_explains_a_miss_with_the_measured_cpu_per_request() -> None:
+    from benchmarks.suite import SectionResult
+    from benchmarks.targets import suite_targets
+
+    st = {**MESH_ROW, "rps": 450.0, "cpu_ms": {"server": 3.0, "client": 1.0}}
+    mesh = {**MESH_ROW, "system": "mesh IVF-Flat", "rps": 300.0,
+            "cpu_ms": {"user_tower": 0.5, "ann": 2.0, "scoring": 1.5, "orchestrator": 1.0, "client": 1.0}}
+    results = {"mesh": SectionResult("mesh", "ok", 1.0, {"rows": [st, mesh]})}
+    target = suite_targets(results)[0]
+    assert target.name == "SilverTorch vs mesh" and target.ratio == pytest.approx(1.5) and not target.met
+    assert "SilverTorch 4.00 ms, the mesh 6.00 ms" in target.why and "their ratio, 1.50x" in target.why

@@ -4,6 +4,7 @@ SQ8 mode, and a launcher that leaves no process behind."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -187,6 +188,21 @@ def test_ann_service_probes_filtered_rows_as_silvertorch(artifact) -> None:
         fixed = idx.search(torch.from_numpy(q), 30, SearchParams(nprobe=nprobe, filter=p.filter))[1]
         adaptive_differs |= not np.array_equal(fixed.numpy(), want)
     assert adaptive_differs  # the factor made a difference at nprobe 1
+
+
+def test_load_window_attributes_cpu_to_every_service(mesh) -> None:
+    """The benchmark's load window: every service of the mesh spends CPU on the requests, and the
+    load generator's own CPU is counted apart."""
+    from benchmarks.mesh_bench import _window
+
+    reqs = [orjson.dumps({"user": u, "k": 10, **({"filter": FILTERS[i % 3]} if FILTERS[i % 3] else {})})
+            for i, u in enumerate(user_requests(64))]
+    w = _window(mesh, reqs, duration=0.6, warmup=0.2, concurrency=4)
+    assert w["errors"] == 0 and w["rps"] > 0 and w["requests"] > 0
+    assert set(w["cpu_ms"]) == {"user_tower", "ann", "scoring", "orchestrator", "client"}
+    assert all(math.isfinite(v) and v >= 0 for v in w["cpu_ms"].values())
+    # the orchestrator handles every request (HTTP, three calls, the answer): it cannot be free
+    assert w["cpu_ms"]["orchestrator"] > 0 and w["cpu_ms"]["client"] > 0
 
 
 def test_launcher_stops_every_process(mesh) -> None:

@@ -120,10 +120,13 @@ class HttpPool:
 
 @dataclass
 class LoadResult:
-    """Latencies (ms) of completed requests in the timed window and the window length."""
+    """Latencies (ms) of completed requests in the timed window and the window length;
+    ``completed_total`` counts every response, warm-up and stragglers after the window included
+    (the denominator of CPU per request over the whole call)."""
 
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    completed_total: int = 0
     elapsed_s: float = 0.0
     statuses: dict[int, int] = field(default_factory=dict)
 
@@ -164,6 +167,7 @@ async def _load(host: str, port: int, path: str, bodies: list[bytes], concurrenc
                 except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
                     status = 599
                 t1 = time.perf_counter()
+                result.completed_total += 1
                 if t_timed <= t1 <= t_end:  # completions inside the window: throughput = count / window
                     result.statuses[status] = result.statuses.get(status, 0) + 1
                     if status == 200:

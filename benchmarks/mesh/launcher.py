@@ -120,6 +120,11 @@ class _Group:
     def pids(self) -> list[int]:
         return [p.proc.pid for p in self.procs]
 
+    @property
+    def roles(self) -> dict[str, int]:
+        """Role -> pid of every process of the group (CPU accounting of the benchmark)."""
+        return {p.role: p.proc.pid for p in self.procs}
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
@@ -228,6 +233,10 @@ class SilverTorchServer(_Group):
     @property
     def pids(self) -> list[int]:
         return [self.proc.pid]
+
+    @property
+    def roles(self) -> dict[str, int]:
+        return {"server": self.proc.pid}
 
     @property
     def url(self) -> str:

@@ -55,25 +55,12 @@ ML_FILTERS = ["genre:Comedy", "genre:Drama AND NOT decade:1990s", "genre:Action 
 
 # ----------------------------------------------------------------------------------- artifacts
 def movielens_artifact() -> Path:
-    """The exported MovieLens-100k artifact: reused from the cache, else exported from the demo's
-    checkpoint (``runs/movielens_100k/checkpoint.pt``), else trained briefly first."""
-    out = CACHE / "movielens_100k"
-    if (out / "manifest.json").exists():
-        return out
-    CACHE.mkdir(parents=True, exist_ok=True)
-    from launch.cli import main as cli
+    """The exported MovieLens-100k artifact, the serving benchmark's own
+    (:func:`benchmarks.serve_bench.movielens_artifact`: the demo's checkpoint
+    ``runs/movielens_100k/checkpoint.pt`` when there is one, else a briefly trained two-tower; cached)."""
+    from benchmarks.serve_bench import movielens_artifact as exported
 
-    ckpt = ROOT / "runs" / "movielens_100k" / "checkpoint.pt"
-    cfg = str(ROOT / "configs" / "movielens_100k.toml")
-    if not ckpt.exists():
-        ckpt_dir = CACHE / "movielens_train"
-        if cli(["train", "--config", cfg, f"train.out_dir={ckpt_dir}", "train.epochs=1"]) != 0:
-            raise RuntimeError("could not train a MovieLens checkpoint for the benchmark")
-        ckpt = ckpt_dir / "checkpoint.pt"
-    if cli(["export", "--config", cfg, "--checkpoint", str(ckpt), "--out", str(out), "--no-programs",
-            "--force", "train.progress=false"]) != 0:
-        raise RuntimeError(f"silvertorch export of {ckpt} failed")
-    return out
+    return exported(ROOT / "runs" / "movielens_100k" / "checkpoint.pt", log=lambda m: print(m, file=sys.stderr))
 
 
 def synthetic_catalog_artifact(items: int = 1_000_000, nlist: int = 1024) -> Path:

@@ -306,3 +306,33 @@ def test_plan_to_device_and_memory_report() -> None:
     assert torch.equal(index.evaluate(plan), index.to("cpu").evaluate(plan))
     mem = index.memory_bytes()
     assert mem["table"] == index.table.numel() * 8 and set(mem) >= {"csr_values", "live_words"}
+
+
+@pytest.mark.parametrize("block", [64, 192, 1 << 20])
+def test_table_is_the_same_whatever_the_block_of_slots(monkeypatch, block: int) -> None:
+    """The signature / bitmap table is OR-ed block by block of slots (bounded memory at 10M items):
+    every block size gives the table of one scatter of all (row, slot) pairs."""
+    import silvertorch.index.eligibility as elig_mod
+    from silvertorch.index.bloom import term_rows
+
+    attrs = catalog(1000, seed=3)
+    cfg = EligibilityConfig(modes={"genre": "bitmap", "tag": "bloom", "creator": "bloom"})
+    monkeypatch.setattr(elig_mod, "_BLOCK_SLOTS", block)
+    table = EligibilityIndex.build(attrs, cfg).table
+
+    # the reference: every pair's rows, one scatter (genre rows first, then the Bloom block, then ones)
+    n, width, k = 1000, cfg.bloom_width, cfg.bloom_hashes
+    rows, slots = [], []
+    for fid, name in enumerate(attrs.features):
+        a = attrs[name]
+        item = torch.repeat_interleave(torch.arange(n), a.offsets[1:] - a.offsets[:-1])
+        if name == "genre":
+            rows.append(a.values)
+            slots.append(item)
+        else:
+            pos = term_rows(torch.full_like(a.values, fid), a.values, k, width) + len(GENRES)
+            rows.append(pos.reshape(-1))
+            slots.append(item.repeat_interleave(k))
+    ref = scatter_bits(len(GENRES) + width + 1, table.shape[1], torch.cat(rows), torch.cat(slots))
+    ref[-1] = -1
+    assert torch.equal(table, ref)

@@ -23,6 +23,7 @@ matches, never a false negative), ``verify(plan, slots)`` (exact), ``is_exact(pl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -132,6 +133,36 @@ def _canonical_csr(
     return key // max(cardinality, 1), key % max(cardinality, 1)
 
 
+#: slots per block of :func:`_or_bits` (a multiple of 64: blocks cover whole words)
+_BLOCK_SLOTS = 1 << 20
+
+
+def _or_bits(block: Tensor, offsets: Tensor, slots: Tensor, values: Tensor,
+             rows_of: Callable[[Tensor], Tensor] | None) -> None:
+    """OR into ``block (R, W) int64`` (a view of the table) bit ``slot`` of row ``row`` for every
+    pair of one feature, ``slots, values (nnz,)`` sorted by slot with CSR ``offsets (n+1,)``.
+
+    ``rows_of(values) -> (m, K)`` gives each pair's rows (Bloom: its K hash rows); None: the row is
+    the value itself (bitmap). Works through ``_BLOCK_SLOTS`` slots at a time, so the temporaries of
+    the scatter stay bounded whatever the catalog size; OR-ing makes the blocks' order (and pairs
+    repeated across features or hashes) irrelevant."""
+    n = offsets.numel() - 1
+    for lo in range(0, n, _BLOCK_SLOTS):
+        hi = min(lo + _BLOCK_SLOTS, n)
+        a, b = int(offsets[lo]), int(offsets[hi])
+        if a == b:
+            continue
+        vals, local = values[a:b], slots[a:b] - lo
+        if rows_of is None:
+            rows = vals
+        else:
+            pos = rows_of(vals)
+            rows, local = pos.reshape(-1), local.repeat_interleave(pos.shape[1])
+        w_lo = lo // 64
+        words = num_words(hi - lo)
+        block[:, w_lo:w_lo + words] |= scatter_bits(block.shape[0], words, rows, local)
+
+
 class EligibilityIndex(nn.Module):
     """Hybrid bitmap / Bloom eligibility filter over ``S`` slots (see module docstring)."""
 
@@ -166,10 +197,14 @@ class EligibilityIndex(nn.Module):
         has_bloom = any(m == "bloom" for m in modes.values())
 
         info, csr_offsets, csr_values, csc_offsets, csc_slots = [], [], [], [], []
-        rows, slots_all, vocab_names = [], [], []
+        vocab_names: list[str] = []
         bitmap_rows = sum(cards[n_] for n_ in names if modes[n_] == "bitmap")
         bloom_base = bitmap_rows
         ones_row = bloom_base + (width if has_bloom else 0)
+        # bits are OR-ed into the table feature by feature and block by block of slots (below):
+        # one scatter of every (row, slot) pair at once held ~10 int64 copies of all of them
+        # (a 10M-item catalog needed 24 GB)
+        table = torch.zeros(ones_row + 1, n_words, dtype=torch.int64)
         base = nnz_base = csc_pos = csc_base = max_len = 0
         for fid, name in enumerate(names):
             attr = attributes[name]
@@ -187,14 +222,12 @@ class EligibilityIndex(nn.Module):
                 vocab_start = len(vocab_names)
                 vocab_names.extend(attr.vocab)
             if modes[name] == "bitmap":
-                rows.append(values + base)
-                slots_all.append(slots)
+                _or_bits(table[base:base + card], offsets, slots, values, None)
                 info.append([0, card, base, -1, vocab_start])
                 base += card
             else:
-                pos = term_rows(torch.full_like(values, fid), values, k, width) + bloom_base
-                rows.append(pos.reshape(-1))
-                slots_all.append(slots.repeat_interleave(k))
+                _or_bits(table[bloom_base:bloom_base + width], offsets, slots, values,
+                         lambda v, f=fid: term_rows(torch.full_like(v, f), v, k, width))
                 order = torch.argsort(values * max(n, 1) + slots)
                 per_value = torch.zeros(card + 1, dtype=torch.int64)
                 per_value[1:] = torch.cumsum(torch.bincount(values, minlength=card), 0)
@@ -204,10 +237,6 @@ class EligibilityIndex(nn.Module):
                 csc_pos += values.numel()
                 csc_base += card + 1
         empty = torch.zeros(0, dtype=torch.int64)
-        table = scatter_bits(
-            ones_row + 1, n_words,
-            torch.cat(rows) if rows else empty, torch.cat(slots_all) if slots_all else empty,
-        )
         table[ones_row] = -1
         live_mask = torch.ones(n, dtype=torch.bool) if live is None else live.to(torch.bool).cpu()
         if live_mask.shape != (n,):

@@ -142,6 +142,17 @@ def _window(system: Any, reqs: list[bytes], duration: float, warmup: float, conc
 CONCURRENCY = 32
 
 
+def _rss_gib(systems: dict[str, Any]) -> str:
+    """``"name 1.2 GiB, ..."``: resident memory of each running system's processes."""
+    def rss(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 2**20
+        except (OSError, StopIteration):
+            return 0.0
+    return ", ".join(f"{n} {sum(rss(p) for p in s.pids):.1f} GiB" for n, s in systems.items()) or "none"
+
+
 def _windows(quick: bool) -> tuple[int, float, float]:
     """(repeats, seconds per window, warm-up seconds) of the load windows."""
     return (3, 2.0, 0.5) if quick else (3, 4.0, 1.0)
@@ -209,9 +220,14 @@ def run(quick: bool, out_dir: Path, *, include_1m: bool | None = None, include_1
             # server wrapper costs from what the architecture costs
             if "SilverTorch" in systems and not large:
                 systems["SilverTorch model, mesh HTTP stack"] = StandIn(path, s)
-            systems["mesh IVF-Flat"] = Mesh(path, s)
-            if not quick and not large:
-                systems["mesh IVF-SQ8"] = Mesh(path, MeshSettings.like_server(max_k=s.max_k, ann="sq8"))
+            try:
+                systems["mesh IVF-Flat"] = Mesh(path, s)
+                if not quick and not large:
+                    systems["mesh IVF-SQ8"] = Mesh(path, MeshSettings.like_server(max_k=s.max_k, ann="sq8"))
+            except MeshStartError as err:  # e.g. a service killed for memory beside the others
+                notes.append(f"{name}: the mesh did not start ({str(err)[:300]}); this workload was not "
+                             f"measured (RSS of the systems already up: {_rss_gib(systems)})")
+                continue
             st_name = next(iter(systems))
             for k in ks:
                 for filtered in (False, True):

@@ -113,8 +113,7 @@ def index_prediction(per_query_us: dict[str, float], per_batch_us: dict[str, flo
     the scan / probe math and, for ``shards > 1``, the all-gather merge), the latency of a batch of
     ``batch`` and that group's throughput (one replica)."""
     specs = model_specs(desc)
-    index_bytes = sum(-(-s.bytes // shards) if s.shardable else s.bytes
-                      for s in specs if s.name.startswith(("index.", "eligibility.")))
+    index_bytes = sum(s.bytes_per_device(shards) for s in specs if s.name.startswith(("index.", "eligibility.")))
     per_query = sum(v for k, v in per_query_us.items() if k in INDEX_TERMS + ("merge",))
     frac = min(1.0, desc.nprobe / desc.nlist)
     flops = 2.0 * desc.nlist * desc.dim + 2.0 * frac * desc.num_slots / shards * desc.dim

@@ -93,3 +93,28 @@ def test_two_shard_estimate_halves_the_sharded_bytes(small: tuple) -> None:
         figures = {k: v for k, v in p.items() if k not in ("step", "shards", "merge_ms")}
         assert all(math.isfinite(v) and v > 0 for v in figures.values()), figures
         assert p["batch_latency_ms"] == pytest.approx((p["per_batch_us"] + 64 * p["per_query_us"]) / 1e3)
+
+
+def test_two_shard_estimate_counts_what_the_shards_hold() -> None:
+    """The planner's bytes per shard against the shards split_index makes: item-proportional tensors
+    halve, the centroids stay, and the selectivity histograms are not carried (the sharded model
+    refuses selectivity-aware probing), so they count 0 on a shard but in full unsharded. 60,000
+    items: at a few thousand the replicated vocabularies, which the model counts as item-sharded,
+    would dominate."""
+    cfg = CheckConfig(num_items=60_000, dim=16, nlist=256, nprobe=4, k=10, num_queries=8, repeats=1)
+    catalog = generate_catalog(cfg.num_items, cfg.dim, seed=5)
+    index = ItemIndex.build(catalog.vectors, attributes=catalog.attributes, nlist=cfg.nlist, dtype="int8", seed=5)
+    attrs = {n: (a.cardinality, a.values.numel() / max(1, a.offsets.numel() - 1))
+             for n, a in catalog.attributes.features.items()}
+    desc = describe_catalog(cfg, attrs)
+    two = load_topology(ROOT / "configs/topologies/cpu_2proc.toml")
+    shards, _ = split_index(index, 2)
+    assert index.selectivity is not None and all(s.selectivity is None for s in shards)
+    held = max(sum(b.numel() * b.element_size() for _, b in s.named_buffers()) for s in shards)
+    whole = sum(b.numel() * b.element_size() for _, b in index.named_buffers())
+    hist = sum(b.numel() * b.element_size() for _, b in index.selectivity.named_buffers())
+    p1, p2 = predicted_for_shards(desc, two, 1, 64), predicted_for_shards(desc, two, 2, 64)
+    assert p1["index_bytes"] == pytest.approx(whole, rel=0.05)
+    assert p2["index_bytes"] == pytest.approx(held, rel=0.05)
+    # the test has teeth: counting half the histograms on each shard would miss by more than 5%
+    assert hist / 2 > 0.1 * held

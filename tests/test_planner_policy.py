@@ -49,7 +49,8 @@ def need_per_device(desc: ModelDescription, shards: int) -> int:
     """Independent arithmetic: replicated + item-sharded share + tables spread over the shards."""
     specs = model_specs(desc)
     rep = sum(s.bytes for s in specs if s.kind != "table" and not s.shardable)
-    shard = sum(math.ceil(s.bytes / shards) for s in specs if s.kind != "table" and s.shardable)
+    shard = sum(math.ceil(s.bytes / shards) for s in specs
+                if s.kind != "table" and s.shardable and not (shards > 1 and s.sharded_drops))
     return rep + shard + sum(s.bytes for s in specs if s.kind == "table") // shards
 
 

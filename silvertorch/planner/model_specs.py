@@ -358,7 +358,8 @@ def model_specs(desc: ModelDescription, towers: nn.Module | None = None) -> list
                 cols += card
         specs.append(TensorSpec(
             name="index.selectivity", kind="index", bytes=(desc.nlist + 1) * cols * 4 + n_feat * 8,
-            shardable=True, note=f"({desc.nlist + 1}, {cols}) int32 per-cluster value counts"))
+            shardable=True, sharded_drops=True,
+            note=f"({desc.nlist + 1}, {cols}) int32 per-cluster value counts"))
     for name, nbytes in sorted(_dense_param_bytes(desc, towers).items()):
         specs.append(TensorSpec(name=name, kind="dense", bytes=int(nbytes), hot=True))
     for tower_name in ("user_tower", "item_tower"):

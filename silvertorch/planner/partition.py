@@ -14,7 +14,6 @@ must stay in HBM (``fused`` / ``dense`` kernels); in step 2 TorchRec may choose 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Any
 
@@ -62,8 +61,14 @@ class TorchRecPartitioner(Partitioner):
         for s in specs:
             if s.kind == "table":
                 continue
+            share = s.bytes_per_device(proposal.shards)
+            if s.sharded_drops and proposal.shards > 1:
+                placements.append(Placement(
+                    name=s.name, tier="device", sharding="not_carried", bytes_per_device=0,
+                    reason="not carried by the shards: the sharded model refuses what reads it "
+                           "(selectivity-aware probing, retrieval.min_candidates_factor > 0)"))
+                continue
             cold = s.name in proposal.cold
-            share = int(math.ceil(s.bytes / proposal.shards)) if s.shardable else s.bytes
             if cold:
                 host += s.bytes if proposal.shards == 1 else share
                 reason = (f"host memory: {s.bytes_per_query / max(s.bytes, 1):.2e} of its bytes "

@@ -144,6 +144,9 @@ class TensorSpec:
     - ``bytes_per_query``: bytes read per query when the whole tensor is on one device (the cost
       model of ``estimate.py`` fills it in; shards read their share).
     - ``per_batch``: ``bytes_per_query`` is read once per batch instead of once per query.
+    - ``sharded_drops``: not carried by the shards of a sharded index (``shards > 1``), whose model
+      refuses the feature that reads it (the selectivity histograms: a shard knows only its own
+      clusters' counts).
     """
 
     name: str
@@ -153,7 +156,16 @@ class TensorSpec:
     hot: bool = False
     bytes_per_query: float = 0.0
     per_batch: bool = False
+    sharded_drops: bool = False
     note: str = ""
+
+    def bytes_per_device(self, shards: int) -> int:
+        """Bytes one device of a group of ``shards`` holds: a ``1/shards`` share (rounded up) of a
+        shardable tensor, the whole of a replicated one, nothing of a ``sharded_drops`` one when
+        ``shards > 1``."""
+        if shards > 1 and self.sharded_drops:
+            return 0
+        return -(-self.bytes // shards) if self.shardable else self.bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +174,7 @@ class Placement:
 
     name: str
     tier: Tier
-    sharding: Literal["replicated", "item_sharded", "torchrec"]
+    sharding: Literal["replicated", "item_sharded", "torchrec", "not_carried"]
     bytes_per_device: int
     reason: str
     torchrec: dict[str, Any] | None = None  # sharding_type / compute_kernel / ranks for tables

@@ -200,7 +200,7 @@ def run(quick: bool, out_dir: Path, *, include_1m: bool | None = None, include_1
         # note in the report, the workloads before it keep their rows
         try:
             path = build()
-        except (Exception, MemoryError) as err:  # noqa: BLE001 - reported, the run goes on
+        except Exception as err:  # noqa: BLE001 - reported (MemoryError included), the run goes on
             notes.append(f"{name}: the artifact could not be built ({type(err).__name__}: {str(err)[:200]}); "
                          "not measured")
             continue
@@ -278,7 +278,8 @@ def _result(quick: bool, with_1m: bool, with_10m: bool, settings: MeshSettings, 
 
 
 def _write(result: dict, out_dir: Path, json_path: Path | None) -> None:
-    """Report + plot (+ the JSON the suite reads), each replaced atomically."""
+    """Report + plot (+ the JSON the suite reads, replaced atomically: the suite may read it after
+    this process was killed)."""
     result["md"] = str(write_report(result, out_dir))
     result["png"] = str(plot(result, out_dir))
     if json_path is not None:

@@ -3,12 +3,11 @@
 On a machine whose cores the load saturates, requests/s is about ``cores / CPU seconds per
 request`` summed over every process that touches a request (server(s) and load generator), so the
 per-process CPU per request explains a throughput ratio between two systems in the run that
-measured it. Linux only; elsewhere :func:`process_cpu_seconds` returns NaN and the report says so.
+measured it. Linux only; elsewhere :func:`process_cpu_seconds` returns NaN (shown as such in the table).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -42,4 +41,4 @@ def measure_cpu(pids: Mapping[str, int], fn: Callable[[], T]) -> tuple[T, dict[s
     own = time.process_time() - own
     spent = {name: process_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     spent["client"] = own
-    return out, {k: (v if not math.isnan(v) else float("nan")) for k, v in spent.items()}
+    return out, spent

@@ -117,13 +117,13 @@ class _Group:
         self.procs: list[ServiceProcess] = []
 
     @property
-    def pids(self) -> list[int]:
-        return [p.proc.pid for p in self.procs]
-
-    @property
     def roles(self) -> dict[str, int]:
         """Role -> pid of every process of the group (CPU accounting of the benchmark)."""
         return {p.role: p.proc.pid for p in self.procs}
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self.roles.values())
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -231,12 +231,12 @@ class SilverTorchServer(_Group):
         return (Path(self.tmp.name) / "stderr.log").read_text(errors="replace")[-2000:]
 
     @property
-    def pids(self) -> list[int]:
-        return [self.proc.pid]
-
-    @property
     def roles(self) -> dict[str, int]:
         return {"server": self.proc.pid}
+
+    @property
+    def pids(self) -> list[int]:
+        return list(self.roles.values())
 
     @property
     def url(self) -> str:

@@ -439,9 +439,11 @@ def _verify_files(path: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"{f}: sha256 mismatch with the manifest (corrupt or modified)")
 
 
-def _load_state(path: Path) -> dict[str, dict[str, Any]]:
+def _load_state(path: Path, mmap: bool = False) -> dict[str, dict[str, Any]]:
+    """``tensors.pt``; ``mmap``: the tensors are copy-on-write views of the file's pages (see
+    :func:`load_artifact`)."""
     try:
-        state = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
+        state = torch.load(path / TENSORS, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
         raise ArtifactError(f"{path / TENSORS}: unreadable ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or set(state) != {"model", "item_tower"} or not all(
@@ -496,19 +498,22 @@ def _empty_attributes(num_items: int, cards: Mapping[str, int]) -> ItemAttribute
 
 
 def _build_modules(cfg: dict[str, Any], state: dict[str, dict[str, Any]]) -> tuple[RetrievalModel, ItemTower]:
+    """The modules of the manifest ``cfg`` holding the tensors of ``state`` themselves (assigned, not
+    copied: a memory-mapped state stays mapped, a loaded one is not held twice)."""
     mstate = state["model"]
     rcfg = from_dict(RetrievalConfig, cfg["retrieval"])
     user_tower = UserTower(from_dict(TowerConfig, cfg["user_tower"]), cfg["user_cardinalities"])
-    index = ItemIndex.from_state_dict({k[6:]: v for k, v in mstate.items() if k.startswith("index.")})
+    index = ItemIndex.from_state_dict({k[6:]: v for k, v in mstate.items() if k.startswith("index.")},
+                                      assign=True)
     dim = index.ivf.dim
     cards = {k: int(v) for k, v in cfg["item_cardinalities"].items()}
     overarch = OverArch(rcfg.overarch, dim, cards)
     reranker = Reranker(rcfg.reranker, dim, overarch.num_tasks) if cfg.get("reranker") else None
     attrs = _empty_attributes(int(mstate["item_slot"].shape[0]), cards)
     model = RetrievalModel(user_tower, index, overarch, ValueModel(rcfg.value_model), reranker, attrs, rcfg)
-    model.load_state_dict(mstate, strict=True)
+    model.load_state_dict(mstate, strict=True, assign=True)
     item_tower = ItemTower(from_dict(TowerConfig, cfg["item_tower"]), cfg["item_tower_cardinalities"])
-    item_tower.load_state_dict(state["item_tower"], strict=True)
+    item_tower.load_state_dict(state["item_tower"], strict=True, assign=True)
     return model.eval(), item_tower.eval()
 
 
@@ -519,18 +524,27 @@ def _read_json(path: Path) -> Any:
         raise ArtifactError(f"{path}: unreadable ({err})") from None
 
 
-def load_artifact(path: str | Path, *, verify: bool = True) -> ServingArtifact:
+def load_artifact(path: str | Path, *, verify: bool = True, mmap: bool = True,
+                  item_names: bool = True) -> ServingArtifact:
     """Load the artifact at ``path`` (modules rebuilt from the config, state loaded strictly).
 
     ``verify``: check every file hash, tensor hash and the pairing id first (the format version is
-    always checked). The exported programs are not loaded (see :func:`load_programs`).
+    always checked). ``mmap``: the modules' tensors are private (copy-on-write) memory maps of
+    ``tensors.pt`` instead of copies on the heap: loading reads nothing up front, processes of one
+    host that load the same artifact share its pages in the page cache, and an in-place update (a
+    streaming upsert) copies only the pages it writes. (A replaced artifact is renamed into place,
+    so the mapped file of a running server is never rewritten under it.) ``mmap=False`` reads
+    every tensor into memory. ``item_names=False`` leaves ``items.json`` unread (``item_raw_ids``
+    and ``item_titles`` empty; its hash is still verified): for a process that never names an item,
+    as 10M raw ids are about 1 GB of Python strings. The exported programs are not loaded (see
+    :func:`load_programs`).
     Raises :class:`ArtifactError` for anything that makes the artifact unusable.
     """
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         _verify_files(path, manifest)
-    state = _load_state(path)
+    state = _load_state(path, mmap=mmap)
     if verify:
         _verify_tensors(path, manifest, state)
     try:
@@ -540,7 +554,8 @@ def load_artifact(path: str | Path, *, verify: bool = True) -> ServingArtifact:
     except Exception as err:  # noqa: BLE001 - a config / state that does not rebuild is unusable
         raise ArtifactError(f"{path}: the saved modules do not rebuild from the manifest config "
                             f"({type(err).__name__}: {err})") from None
-    vocab, items = _read_json(path / VOCAB), _read_json(path / ITEMS)
+    vocab = _read_json(path / VOCAB)
+    items = _read_json(path / ITEMS) if item_names else {"raw_ids": [], "titles": []}
     try:
         user_vocab, item_vocab = dict(vocab["user"]), dict(vocab["item"])
         raw_ids, titles = list(items["raw_ids"]), list(items["titles"])

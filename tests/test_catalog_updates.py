@@ -119,6 +119,19 @@ def test_delete_is_honoured_everywhere(model: RetrievalModel) -> None:
     assert up.upsert(victims[:1], big(1, 5)).inserted == 1 and up.is_live(int(victims[0]))
 
 
+def test_an_index_with_every_item_deleted_answers_nothing(model: RetrievalModel) -> None:
+    """Slots remain but none is live: every search path pads the whole answer (-1 ids, -inf)."""
+    CatalogUpdater(model).delete(torch.arange(N))
+    assert model.index.ivf.ntotal == 0 and model.index.ivf.num_slots >= N
+    q = torch.randn(3, DIM, generator=torch.Generator().manual_seed(7))
+    for kw in ({"exact": True}, {"nprobe": 2}, {"nprobe": 6, "engine": "reference"}):
+        for f in (None, ["genre:drama OR NOT genre:drama"]):
+            scores, ids = search(model, q, 20, filter=f, **kw)
+            assert ids.shape == (3, 20) and bool((ids == -1).all()), (kw, f)
+            assert bool(torch.isneginf(scores).all()), (kw, f)
+    assert bool((model.retrieve(user_kjt([0, 1]), 20).ids == -1).all())
+
+
 def test_patch_attributes_changes_filters(model: RetrievalModel) -> None:
     up = CatalogUpdater(model)
     v = big(1, 6)

@@ -345,3 +345,49 @@ def test_model_with_streaming_updates_round_trips(tmp_path: Path) -> None:
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     found = set(b.ids.flatten().tolist())
     assert 5 not in found and found & {310, 400}  # tombstone honoured, fresh items served
+
+
+def _in_file_mapping(t: torch.Tensor, path: Path) -> bool:
+    """Whether ``t``'s data lies in a memory mapping of ``path`` in this process."""
+    ptr, target = t.data_ptr(), str(path.resolve())
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the mappings from /proc (Linux)")
+@torch.no_grad()
+def test_mapped_load_equals_a_read_load_and_updates_never_reach_the_file(copy: Path) -> None:
+    """``load_artifact`` maps ``tensors.pt`` (copy-on-write): the answers equal a fully read load's,
+    the big buffers are views of the file rather than heap copies, and streaming updates applied to
+    the mapped model change the model only: the file keeps its bytes and a reload its answers."""
+    from silvertorch.catalog import CatalogUpdater
+
+    before = (copy / "tensors.pt").read_bytes()
+    mapped, read = load_artifact(copy), load_artifact(copy, mmap=False)
+    kjt = user_kjt([0, 3, 7, 11])
+    for filters in (None, [FILTERS[0]]):
+        a, b = read.model.retrieve(kjt, 30, filters), mapped.model.retrieve(kjt, 30, filters)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # a mapped tensor's bytes lie in a mapping of the file (Linux: /proc/self/maps); a read one's not
+    assert _in_file_mapping(mapped.model.index.ivf.vectors, copy / "tensors.pt")
+    assert _in_file_mapping(mapped.model.index.eligibility.csr_values, copy / "tensors.pt")
+    assert not _in_file_mapping(read.model.index.ivf.vectors, copy / "tensors.pt")
+    base = read.model.retrieve(kjt, 30, None)
+    top = base.ids[0, :2]
+    live = mapped.model.index.ivf.live_words
+    assert _in_file_mapping(live, copy / "tensors.pt")
+    up = CatalogUpdater(mapped.model)
+    up.delete(top)  # tombstones: in-place writes into the mapped live bitmaps
+    vecs = torch.nn.functional.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    up.upsert(torch.tensor([7, 8]), vecs, [{"genre": ["comedy"]}, {"decade": ["1980"]}])
+    after = mapped.model.retrieve(kjt, 30, None).ids
+    assert not set(top.tolist()) & set(after[0].tolist())  # the updates took
+    assert mapped.model.index.ivf.live_words.data_ptr() == live.data_ptr()  # ... in the mapped pages
+    assert (copy / "tensors.pt").read_bytes() == before
+    again = load_artifact(copy)
+    assert all(torch.equal(x, y) for x, y in zip(base, again.model.retrieve(kjt, 30, None)))

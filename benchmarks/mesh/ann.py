@@ -45,17 +45,27 @@ from .service import BinaryService
 __all__ = ["AnnService", "SearchItem", "build_faiss_index"]
 
 
-def build_faiss_index(index: ItemIndex, kind: str) -> faiss.IndexIVF:
-    """A faiss IVF index with the artifact's centroids and cluster assignment (see module doc)."""
+#: stored items decoded to float32 per ``add_core`` call (256 MiB at d = 64): the decoded catalog
+#: is never held whole next to the faiss lists (at 10M items it would be 2.6 GB more at start-up)
+ADD_CHUNK = 1 << 20
+
+
+def build_faiss_index(index: ItemIndex, kind: str, chunk: int = ADD_CHUNK) -> faiss.IndexIVF:
+    """A faiss IVF index with the artifact's centroids and cluster assignment (see module doc),
+    filled ``chunk`` stored items at a time."""
     ivf = index.ivf
+    if ivf.has_fresh:
+        raise ValueError("the index has a fresh region (streaming inserts): compact it first "
+                         "(silvertorch.catalog.compact_state); the faiss lists hold clustered items only")
     C, d = ivf.centroids.shape
-    off = ivf.cluster_offsets.numpy()
-    slot_ids = ivf.slot_ids.numpy()
-    live = slot_ids >= 0
-    assign = np.repeat(np.arange(C, dtype=np.int64), np.diff(off))[live]
-    x = np.ascontiguousarray(decode(ivf.vectors[torch.from_numpy(live)],
-                                    ivf.scales[torch.from_numpy(live)]).numpy(), dtype=np.float32)
-    ids = np.ascontiguousarray(slot_ids[live])
+    slot_ids = ivf.slot_ids
+    live = torch.nonzero(slot_ids >= 0).flatten()  # the stored slots of live items, in slot order
+    cluster_of_slot = torch.repeat_interleave(torch.arange(C, dtype=torch.int64),
+                                              torch.diff(ivf.cluster_offsets))
+
+    def decoded(slots: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(decode(ivf.vectors[slots], ivf.scales[slots]).numpy(), dtype=np.float32)
+
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(np.ascontiguousarray(ivf.centroids.numpy(), dtype=np.float32))
     if kind == "flat":
@@ -63,11 +73,23 @@ def build_faiss_index(index: ItemIndex, kind: str) -> faiss.IndexIVF:
     elif kind == "sq8":
         out = faiss.IndexIVFScalarQuantizer(quantizer, d, C, faiss.ScalarQuantizer.QT_8bit,
                                             faiss.METRIC_INNER_PRODUCT, False)
-        out.train(x)  # the scalar quantizer's ranges only: the coarse quantizer is already full
+        # the scalar quantizer's per-dimension ranges only (the coarse quantizer is already full),
+        # by faiss's own training (which subsamples further) on at most ``chunk`` stored vectors: the
+        # whole catalog when it fits (up to 1M items), else a seeded uniform sample of it
+        sample = live
+        if live.numel() > chunk:
+            pick = torch.randperm(live.numel(), generator=torch.Generator().manual_seed(0))[:chunk]
+            sample = live[pick.sort().values]
+        out.train(decoded(sample))
     else:
         raise ValueError(f"ann kind must be 'flat' or 'sq8', got {kind!r}")
     out.is_trained = True
-    out.add_core(x.shape[0], faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+    for s in range(0, live.numel(), chunk):
+        slots = live[s : s + chunk]
+        x = decoded(slots)
+        ids = np.ascontiguousarray(slot_ids[slots].numpy())
+        assign = np.ascontiguousarray(cluster_of_slot[slots].numpy())
+        out.add_core(x.shape[0], faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
     # (faiss's Python constructor keeps a reference to the quantizer: it lives as long as ``out``)
     return out
 

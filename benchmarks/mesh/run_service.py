@@ -2,8 +2,9 @@
 
 Roles: ``user_tower``, ``ann``, ``scoring``, ``orchestrator`` (needs ``--upstream
 user_tower=PORT,ann=PORT,scoring=PORT``) and ``standin`` (the in-process SilverTorch stand-in).
-Each loads the same artifact (:func:`silvertorch.export.load_artifact`; hashes verified by the
-orchestrator and the stand-in, the others trust the same directory), sets torch / faiss threads,
+Each loads the same artifact (:func:`silvertorch.export.load_artifact`, tensors memory-mapped and so
+shared between the processes; hashes verified by the orchestrator and the stand-in, the others trust
+the same directory and skip the item names, which only those two use), sets torch / faiss threads,
 binds ``127.0.0.1:0`` and prints ``READY <port>``. ``GET /healthz`` answers ``<role> <version>``.
 """
 
@@ -43,8 +44,8 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - a Starlette app
                             max_body_bytes=args.max_body_bytes)
     settings.validate()
     torch.set_num_threads(settings.threads)
-    verify = args.role in ("orchestrator", "standin")
-    artifact = load_artifact(args.artifact, verify=verify)
+    front = args.role in ("orchestrator", "standin")  # these verify the hashes and name the items
+    artifact = load_artifact(args.artifact, verify=front, item_names=front)
     model = artifact.model.eval()
     health = health_routes(f"{args.role} {artifact.version}")
     if args.role in ("orchestrator", "standin"):

@@ -248,10 +248,12 @@ class IVFIndex(nn.Module):
         parse_dtype(self.vectors.dtype)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "") -> IVFIndex:
-        """An index of the right size and dtype for ``state`` (as saved by ``state_dict()``)."""
+    def from_state_dict(cls, state: dict[str, Tensor], prefix: str = "", assign: bool = False) -> IVFIndex:
+        """An index of the right size and dtype for ``state`` (as saved by ``state_dict()``);
+        ``assign``: holding ``state``'s tensors themselves instead of copies."""
         cent = state[prefix + "centroids"]
         extra = state.get(prefix + "_extra_state", {})
         index = cls(cent.shape[1], cent.shape[0], state[prefix + "vectors"].dtype, extra.get("metric", "ip"))
-        index.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        index.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                              assign=assign)
         return index

@@ -167,9 +167,10 @@ class ItemIndex(nn.Module):
         return cls(ivf, elig, hist)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> ItemIndex:
-        """An index of the right sizes for ``state`` (from ``state_dict()``), loaded."""
-        ivf = IVFIndex.from_state_dict(state, "ivf.")
+    def from_state_dict(cls, state: dict[str, Tensor], assign: bool = False) -> ItemIndex:
+        """An index of the right sizes for ``state`` (from ``state_dict()``), loaded (``assign``:
+        holding ``state``'s tensors themselves, as ``nn.Module.load_state_dict(assign=True)``)."""
+        ivf = IVFIndex.from_state_dict(state, "ivf.", assign=assign)
         elig = None
         if any(k.startswith("eligibility.") for k in state):
             from .eligibility import EligibilityIndex
@@ -177,7 +178,7 @@ class ItemIndex(nn.Module):
             elig = EligibilityIndex()
         hist = ClusterHistogram() if elig is not None and any(k.startswith("selectivity.") for k in state) else None
         index = cls(ivf, elig, hist)
-        index.load_state_dict(state)
+        index.load_state_dict(state, assign=assign)
         return index
 
     # ------------------------------------------------------------------------------ search
@@ -202,7 +203,7 @@ class ItemIndex(nn.Module):
         plan = self._plan(p.filter, B)
         need_verify = plan is not None and p.verify and not self.eligibility.is_exact(plan)
         k_scan = k_rows if not need_verify else (2 * k_rows + 32)
-        if B == 0 or ivf.ntotal == 0:
+        if B == 0 or ivf.num_slots == 0:  # (an index of dead slots only scans to -1 ids below)
             self.last_stats = stats
             return torch.full((B, k), float("-inf"), device=dev), torch.full((B, k), -1, dtype=torch.int64, device=dev), stats
         qc, qscale = prepare_queries(q, ivf.storage_dtype)

@@ -175,7 +175,6 @@ def eligible_fraction(plan: object, counts: Tensor, col_base: Tensor, live: Tens
     U = plan.v_root_xor.numel()
     Cp = counts.shape[0]
     denom = live.to(dev, torch.float32).clamp_min(1.0)
-    frac_all = counts.to(torch.float32) / denom[:, None]  # (C', T)
     ones = torch.ones(U, Cp, device=dev)
 
     def term(feat: Tensor, val: Tensor) -> Tensor:
@@ -183,7 +182,8 @@ def eligible_fraction(plan: object, counts: Tensor, col_base: Tensor, live: Tens
         base = col_base.to(dev)[feat.clamp_min(0)]
         ok = (base >= 0) & (val >= 0) & (feat >= 0)
         col = (base + val).clamp(0, max(counts.shape[1] - 1, 0))
-        f = frac_all[:, col].T if counts.shape[1] else ones.clone()
+        # only the U columns asked for are turned into fractions (the table has ~10k columns)
+        f = counts[:, col].T.to(torch.float32) / denom[None, :] if counts.shape[1] else ones.clone()
         f = torch.where(ok[:, None], f, ones)
         return torch.where((val < 0)[:, None], torch.zeros_like(f), f)
 

@@ -238,8 +238,8 @@ def render_suite_report(results: list[SectionResult], targets: list[Target], *, 
         out.append("")
     out += _gpu(gpu) + [
         "", "## Reproduce", "", f"```\n{command}\n```", "",
-        "`make bench` = `python -m benchmarks` (full: 1M-item index sweep, catalogs up to 10M, 1M-item server "
-        "and mesh workloads); `make bench-quick` = `--quick` (minutes); `--only index,ann,...` runs a subset; "
+        "`make bench` = `python -m benchmarks` (full: 1M-item index sweep, catalogs up to 10M, a 1M-item server "
+        "workload, 1M- and 10M-item mesh workloads); `make bench-quick` = `--quick` (minutes); `--only index,ann,...` runs a subset; "
         "`--smoke` is the seconds-sized form the test suite runs (`tests/test_bench_suite.py`); `--threads N` pins "
         "torch and faiss threads. Run the full suite on an otherwise idle machine: on shared cores every "
         "spread widens.", ""]

@@ -439,7 +439,7 @@ def _verify_files(path: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(f"{f}: sha256 mismatch with the manifest (corrupt or modified)")
 
 
-def _load_state(path: Path, mmap: bool = False) -> dict[str, dict[str, Any]]:
+def _load_state(path: Path, mmap: bool) -> dict[str, dict[str, Any]]:
     """``tensors.pt``; ``mmap``: the tensors are copy-on-write views of the file's pages (see
     :func:`load_artifact`)."""
     try:
@@ -486,7 +486,7 @@ def verify_artifact(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     _verify_files(path, manifest)
-    _verify_tensors(path, manifest, _load_state(path))
+    _verify_tensors(path, manifest, _load_state(path, mmap=True))  # hashed from the page cache
     return manifest
 
 

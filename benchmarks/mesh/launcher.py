@@ -235,10 +235,6 @@ class SilverTorchServer(_Group):
         return {"server": self.proc.pid}
 
     @property
-    def pids(self) -> list[int]:
-        return list(self.roles.values())
-
-    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

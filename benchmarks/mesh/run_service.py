@@ -48,7 +48,7 @@ def build(args: argparse.Namespace):  # noqa: ANN201 - a Starlette app
     artifact = load_artifact(args.artifact, verify=front, item_names=front)
     model = artifact.model.eval()
     health = health_routes(f"{args.role} {artifact.version}")
-    if args.role in ("orchestrator", "standin"):
+    if front:
         from .api import RequestCodec
 
         codec = RequestCodec(artifact, settings.max_k)

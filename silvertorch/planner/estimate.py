@@ -162,7 +162,7 @@ class CostModel(Estimator):
         per_shard = self.candidate_bytes_per_query(desc)
         for s in specs:
             tier = tiers.get(s.name, "device")
-            if s.bytes_per_query <= 0 or (shards > 1 and s.sharded_drops):  # shards do not read it
+            if s.bytes_per_query <= 0 or not s.carried(shards):
                 continue
             if s.kind == "table":
                 kernel = partition.table_kernels.get(s.name, "fused")

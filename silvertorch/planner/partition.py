@@ -62,9 +62,9 @@ class TorchRecPartitioner(Partitioner):
             if s.kind == "table":
                 continue
             share = s.bytes_per_device(proposal.shards)
-            if s.sharded_drops and proposal.shards > 1:
+            if not s.carried(proposal.shards):
                 placements.append(Placement(
-                    name=s.name, tier="device", sharding="not_carried", bytes_per_device=0,
+                    name=s.name, tier="device", sharding="not_carried", bytes_per_device=share,
                     reason="not carried by the shards: the sharded model refuses what reads it "
                            "(selectivity-aware probing, retrieval.min_candidates_factor > 0)"))
                 continue

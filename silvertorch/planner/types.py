@@ -159,11 +159,14 @@ class TensorSpec:
     sharded_drops: bool = False
     note: str = ""
 
+    def carried(self, shards: int) -> bool:
+        """Whether a group of ``shards`` holds (and reads) this tensor at all."""
+        return shards <= 1 or not self.sharded_drops
+
     def bytes_per_device(self, shards: int) -> int:
         """Bytes one device of a group of ``shards`` holds: a ``1/shards`` share (rounded up) of a
-        shardable tensor, the whole of a replicated one, nothing of a ``sharded_drops`` one when
-        ``shards > 1``."""
-        if shards > 1 and self.sharded_drops:
+        shardable tensor, the whole of a replicated one, nothing of one it does not carry."""
+        if not self.carried(shards):
             return 0
         return -(-self.bytes // shards) if self.shardable else self.bytes
 
